@@ -102,6 +102,8 @@ class EngineConfig:
             residual and logits) or ``"float32"`` (exact mode, for tests).
         num_threads: torch intra-op threads; None keeps torch's default.
         seed: base seed for requests without their own.
+        max_model_len: longest prompt + output in tokens; None means the model's window
+            (``ModelConfig.max_position_embeddings``).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -110,3 +112,4 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None
     seed: int = 0
+    max_model_len: int | None = None

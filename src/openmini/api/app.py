@@ -1,0 +1,54 @@
+"""``create_app(engine_client, settings) -> FastAPI``: the OpenAI-compatible HTTP app."""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import FastAPI
+
+import openmini
+from openmini.api.admission import AdmissionControl
+from openmini.api.errors import install_error_handlers
+from openmini.api.metrics import InstrumentedEngineClient, ServerMetrics
+from openmini.api.middleware import RequestContextMiddleware
+from openmini.api.routes import OpenAIRoutes
+from openmini.api.settings import ServerSettings
+from openmini.engine.protocol import EngineClient
+
+
+def system_fingerprint(model_name: str) -> str:
+    """``fp_`` + 10 hex digits of (package version, model name): changes when either does."""
+    digest = hashlib.sha256(f"{openmini.__version__}|{model_name}".encode()).hexdigest()
+    return "fp_" + digest[:10]
+
+
+def create_app(engine_client: EngineClient, settings: ServerSettings) -> FastAPI:
+    """Build the app around an engine client.
+
+    The app does not own the engine: whoever created it shuts it down (``serve_main`` does
+    so after uvicorn has stopped). ``app.state`` exposes ``engine`` (the instrumented
+    client), ``settings``, ``metrics`` and ``admission``.
+
+    Args:
+        engine_client: anything implementing ``openmini.engine.protocol.EngineClient``.
+        settings: model name/aliases, API keys and queue limits.
+    """
+    app = FastAPI(title="OpenMini", version=openmini.__version__, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    capacity = (None if settings.max_queue is None
+                else settings.max_num_seqs + settings.max_queue)
+    admission = AdmissionControl(capacity, settings.retry_after_s)
+    metrics = ServerMetrics(engine_client.stats, lambda: admission.in_flight)
+    engine = InstrumentedEngineClient(engine_client, metrics)
+    routes = OpenAIRoutes(engine, settings, metrics, admission,
+                          system_fingerprint(settings.served_model_name))
+    routes.register(app)
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware,
+                       count=lambda endpoint, status: metrics.requests.labels(
+                           endpoint, str(status)).inc())
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.admission = admission
+    return app
