@@ -55,6 +55,16 @@ def random_ids(tok: Tokenizer, rng: random.Random) -> list[int]:
     return ids
 
 
+def ends_inside_character(tok, ids: list[int], skip: bool) -> bool:
+    """Brute force: do the raw bytes of ``ids`` stop partway through a UTF-8 character?"""
+    import codecs
+    drop = tok.special_token_ids if skip else frozenset()
+    data = b"".join(tok.token_bytes(i) for i in ids if i not in drop and i < tok.vocab_size)
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    dec.decode(data, final=False)
+    return bool(dec.getstate()[0])
+
+
 def run(detok: IncrementalDetokenizer, ids: list[int], rng: random.Random
         ) -> tuple[list[str], str | None]:
     """Feed ``ids`` in random chunks; flush at the end unless a stop string matched."""
@@ -96,6 +106,9 @@ def test_joined_deltas_equal_decode(smol, skip):
         detok = IncrementalDetokenizer(smol, [1, 2, 3], skip_special_tokens=skip)
         deltas, matched = run(detok, ids, rng)
         full = smol.decode(ids, skip_special_tokens=skip)
+        if ends_inside_character(smol, ids, skip):
+            assert full.endswith("\ufffd")
+            full = full[:-1]  # a cut-off last character is dropped, never shown as U+FFFD
         assert matched is None
         assert "".join(deltas) == full == detok.text, ids
         if "\ufffd" not in full:
@@ -113,12 +126,13 @@ def test_multibyte_characters_never_split(smol):
     assert sum(1 for d in deltas if d) == len(text)
 
 
-def test_flush_releases_incomplete_character_like_decode(smol):
+def test_flush_drops_incomplete_character(smol):
     ids = smol.encode("ok ") + byte_tokens(smol, "中".encode()[:2])
     detok = IncrementalDetokenizer(smol, [])
     held = "".join(detok.add_tokens([i]).text for i in ids)
     assert held == "ok "
-    assert held + detok.flush() == smol.decode(ids) == "ok \ufffd"
+    assert smol.decode(ids) == "ok \ufffd"
+    assert detok.flush() == "" and detok.text == "ok "
 
 
 def test_real_replacement_character_is_not_held(smol):
@@ -195,6 +209,8 @@ def test_stop_strings_random(smol, include, skip):
     for _ in range(300):
         ids = random_ids(smol, rng)
         full = smol.decode(ids, skip_special_tokens=skip)
+        if ends_inside_character(smol, ids, skip):
+            full = full[:-1]  # the cut-off last character is never released
         stops = []
         for _ in range(rng.randint(1, 3)):
             if full and rng.random() < 0.8:  # a substring of the output, often across tokens

@@ -102,14 +102,19 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Release everything held back (the sequence finished for another reason: EOS,
-        length, abort). An incomplete trailing character is released as U+FFFD, exactly as
-        ``decode`` renders it. Stop strings still apply to the released tail (rare: one
-        ending in that U+FFFD); `stop_matched` tells."""
+        length, abort). An incomplete trailing character (generation cut inside a multi-byte
+        UTF-8 sequence, e.g. by max_tokens) is dropped rather than released as U+FFFD, so a
+        client never sees a replacement character the model did not produce (case C01).
+        Stop strings still apply to the released tail; `stop_matched` tells."""
         if self.finished:
             return ""
         ids = self.output_token_ids
+        incomplete = self._ends_incomplete()
         prefix_text = self._decode(ids[self._prefix_offset:self._read_offset])
         window_text = self._decode(ids[self._prefix_offset:])
+        if incomplete and window_text.endswith("\ufffd"):
+            # an incomplete valid prefix decodes to exactly one U+FFFD (UTF-8 lossy rule)
+            window_text = window_text[:-1]
         self._prefix_offset = self._read_offset = len(ids)
         out = self._release(window_text[len(prefix_text):]).text
         if not self.finished:
