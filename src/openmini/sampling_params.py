@@ -5,6 +5,78 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class JsonSchemaConstraint:
+    """One JSON value the output (or a tool call's arguments) must be.
+
+    Attributes:
+        schema: the JSON Schema as JSON text (Draft 2020-12; key order kept, since the
+            grammar writes object properties in schema order).
+        strict: True fails closed on any keyword the grammar engine cannot enforce; False
+            ignores such keywords and enforces the rest (OpenAI's non-strict mode promises
+            no validity either).
+    """
+
+    schema: str
+    strict: bool = True
+
+
+@dataclass(frozen=True)
+class ToolCallConstraint:
+    """A callable function: its name and the schema of its arguments (a JSON object)."""
+
+    name: str
+    parameters: JsonSchemaConstraint
+
+
+@dataclass(frozen=True)
+class StructuredOutputSpec:
+    """What a request's whole output must match; compiled to a grammar by
+    ``openmini.structured`` (backend-neutral, hashable: it is the grammar cache key).
+
+    The output is either an *answer* or one or more *tool calls*. A tool call is written as
+    ``call_begin + {"<name_key>": NAME, "<arguments_key>": ARGS} + call_end`` (the
+    model family's format, e.g. Hermes/Qwen2.5 ``<tool_call>\\n{...}\\n</tool_call>``);
+    consecutive calls are joined by ``call_separator``.
+
+    Attributes:
+        answer: None: the answer is free text; else the answer is one JSON value.
+        allow_answer: False forces tool calls (``tool_choice`` required / named).
+        tools: the functions the model may call (empty: no tool calls).
+        max_tool_calls: most calls in one output (1 when ``parallel_tool_calls`` is
+            false); None for no limit.
+        allow_text_before_calls: with a free-text answer, text may precede the first call.
+        allow_bare_call: with a free-text answer, an output that starts with ``{`` is one
+            call written without ``call_begin`` / ``call_end`` (Qwen2.5-Coder answers so);
+            free text then may not start with ``{``.
+        call_begin / call_end / call_separator / name_key / arguments_key: the format.
+            ``call_begin`` starts with its marker (``<tool_call>``): once the marker
+            appears, a valid call is forced.
+    """
+
+    answer: JsonSchemaConstraint | None = None
+    allow_answer: bool = True
+    tools: tuple[ToolCallConstraint, ...] = ()
+    max_tool_calls: int | None = None
+    allow_text_before_calls: bool = True
+    allow_bare_call: bool = False
+    call_begin: str = "<tool_call>\n"
+    call_end: str = "\n</tool_call>"
+    call_separator: str = "\n"
+    name_key: str = "name"
+    arguments_key: str = "arguments"
+
+    def __post_init__(self) -> None:
+        if not self.allow_answer and not self.tools:
+            raise ValueError("A structured output that forbids an answer needs tools.")
+        if self.max_tool_calls is not None and self.max_tool_calls < 1:
+            raise ValueError("max_tool_calls must be at least 1.")
+        if self.tools and (not self.call_begin.strip()
+                           or self.call_begin != self.call_begin.lstrip()):
+            raise ValueError("call_begin must start with a visible marker (no leading "
+                             "whitespace); the grammar forces a call once it appears.")
+
+
 class SamplingParamsError(ValueError):
     """A sampling parameter is out of range. ``param`` names it (OpenAI spelling)."""
 
@@ -38,6 +110,8 @@ class SamplingParams:
             beside the sampled token's own log-probability.
         skip_special_tokens: drop special tokens from the detokenized text.
         include_stop_str_in_output: keep a matched stop string in the text.
+        structured_output: grammar constraint on the output (JSON schema, tool calls), or
+            None; enforced token by token by the engine (``openmini.structured``).
     """
 
     n: int = 1
@@ -58,6 +132,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutputSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -75,31 +75,114 @@ def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
     opts = parse_options(body)
     extras = _parse_accepted_extras(body)
 
-    tools = body.get("tools")
-    if tools is not None:
-        tools = [v.as_object(t, f"tools[{i}]")
-                 for i, t in enumerate(v.as_array(tools, "tools", 1, 128))]
-    tool_choice = body.get("tool_choice")
-    if tool_choice is not None:
-        if isinstance(tool_choice, str):
-            v.as_enum(tool_choice, "tool_choice", ("none", "auto", "required"))
-        else:
-            v.as_object(tool_choice, "tool_choice")
-        if tools is None and tool_choice != "none":
-            raise invalid_request("Invalid value for 'tool_choice': 'tool_choice' is only "
-                                  "allowed when 'tools' are specified.", param="tool_choice",
-                                  code="invalid_value")
+    tools = parse_tools(body.get("tools"))
+    tool_choice = parse_tool_choice(body.get("tool_choice"), tools)
     ptc = body.get("parallel_tool_calls")
     if ptc is not None:
         v.as_bool(ptc, "parallel_tool_calls")
-    rf = body.get("response_format")
-    if rf is not None:
-        rf = v.as_object(rf, "response_format")
-        v.as_enum(v.require(rf, "type", "response_format"), "response_format.type",
-                  ("text", "json_object", "json_schema"))
+    rf = parse_response_format(body.get("response_format"))
     return ChatCompletionRequest(model=model, messages=messages, options=opts, tools=tools,
                                  tool_choice=tool_choice, parallel_tool_calls=ptc,
                                  response_format=rf, extras=extras)
+
+
+# ---- tools and response_format ---------------------------------------------------------------
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _check_name(value: Any, path: str) -> str:
+    """A function / schema name: 1-64 characters of ``a-zA-Z0-9_-`` (OpenAI's pattern)."""
+    name = v.as_string(value, path, 64)
+    if not name or not set(name) <= _NAME_CHARS:
+        raise invalid_request(f"Invalid '{path}': string does not match pattern. Expected a "
+                              f"string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
+                              param=path, code="invalid_value")
+    return name
+
+
+def parse_tools(value: Any) -> list[dict[str, Any]] | None:
+    """``tools``: 1..128 function tools ``{type: "function", function: {name, description?,
+    parameters?, strict?}}`` with distinct names; returned as given (nulls dropped)."""
+    if value is None:
+        return None
+    tools = []
+    names: set[str] = set()
+    for i, tool in enumerate(v.as_array(value, "tools", 1, 128)):
+        path = f"tools[{i}]"
+        tool = v.as_object(tool, path)
+        v.check_keys(tool, {"type", "function"}, path)
+        v.as_enum(v.require(tool, "type", path), f"{path}.type", ("function",))
+        fn = v.as_object(v.require(tool, "function", path), f"{path}.function")
+        fpath = f"{path}.function"
+        v.check_keys(fn, {"name", "description", "parameters", "strict"}, fpath)
+        name = _check_name(v.require(fn, "name", fpath), f"{fpath}.name")
+        if name in names:
+            raise invalid_request(f"Invalid 'tools': duplicate function name '{name}'.",
+                                  param="tools", code="invalid_value")
+        names.add(name)
+        out: dict[str, Any] = {"name": name}
+        if fn.get("description") is not None:
+            out["description"] = v.as_string(fn["description"], f"{fpath}.description")
+        if fn.get("parameters") is not None:
+            out["parameters"] = v.as_object(fn["parameters"], f"{fpath}.parameters")
+        if fn.get("strict") is not None:
+            out["strict"] = v.as_bool(fn["strict"], f"{fpath}.strict")
+        tools.append({"type": "function", "function": out})
+    return tools
+
+
+def parse_tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> Any:
+    """``tool_choice``: ``none | auto | required`` or ``{type: "function", function: {name}}``
+    naming one of ``tools``; anything but ``none`` needs tools."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        v.as_enum(value, "tool_choice", ("none", "auto", "required"))
+    else:
+        obj = v.as_object(value, "tool_choice")
+        v.check_keys(obj, {"type", "function"}, "tool_choice")
+        v.as_enum(v.require(obj, "type", "tool_choice"), "tool_choice.type", ("function",))
+        fn = v.as_object(v.require(obj, "function", "tool_choice"), "tool_choice.function")
+        v.check_keys(fn, {"name"}, "tool_choice.function")
+        name = v.as_string(v.require(fn, "name", "tool_choice.function"),
+                           "tool_choice.function.name")
+        if tools is not None and name not in {t["function"]["name"] for t in tools}:
+            raise invalid_request(f"Invalid value for 'tool_choice': no function named "
+                                  f"'{name}' in 'tools'.", param="tool_choice.function.name",
+                                  code="invalid_value")
+        value = {"type": "function", "function": {"name": name}}
+    if tools is None and value != "none":
+        raise invalid_request("Invalid value for 'tool_choice': 'tool_choice' is only "
+                              "allowed when 'tools' are specified.", param="tool_choice",
+                              code="invalid_value")
+    return value
+
+
+def parse_response_format(value: Any) -> dict[str, Any] | None:
+    """``response_format``: ``{type: "text" | "json_object"}`` or ``{type: "json_schema",
+    json_schema: {name, description?, schema?, strict?}}`` (the schema itself is checked
+    by the grammar engine in serving)."""
+    if value is None:
+        return None
+    rf = v.as_object(value, "response_format")
+    kind = v.as_enum(v.require(rf, "type", "response_format"), "response_format.type",
+                     ("text", "json_object", "json_schema"))
+    if kind != "json_schema":
+        v.check_keys(rf, {"type"}, "response_format")
+        return {"type": kind}
+    v.check_keys(rf, {"type", "json_schema"}, "response_format")
+    path = "response_format.json_schema"
+    js = v.as_object(v.require(rf, "json_schema", "response_format"), path)
+    v.check_keys(js, {"name", "description", "schema", "strict"}, path)
+    out: dict[str, Any] = {"name": _check_name(v.require(js, "name", path), f"{path}.name")}
+    if js.get("description") is not None:
+        out["description"] = v.as_string(js["description"], f"{path}.description")
+    if js.get("schema") is not None:
+        out["schema"] = v.as_object(js["schema"], f"{path}.schema")
+    if js.get("strict") is not None:
+        out["strict"] = v.as_bool(js["strict"], f"{path}.strict")
+    return {"type": "json_schema", "json_schema": out}
 
 
 # ---- messages -----------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``openmini serve`` command line."""
     p = argparse.ArgumentParser(
         prog="openmini serve",
-        description="Serve a model behind the OpenAI Chat Completions API.")
+        description="Serve a model behind the OpenAI Chat Completions and Responses APIs.")
     p.add_argument("--model", default=None,
                    help="embedded model name, GGUF file or HF directory (default: the embedded "
                         "default model, downloaded on first use)")
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32"],
                    help="'auto' (fast) or 'float32' (exact)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--data-dir", default=None,
+                   help="folder for persistent state (stored Responses API responses, "
+                        "responses.sqlite3; default: $OPENMINI_HOME/data)")
     p.add_argument("--graceful-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on shutdown (default 10)")
     p.add_argument("--log-level", default="info",
@@ -87,11 +90,21 @@ def api_keys_from(args_keys: list[str] | None, environ: dict[str, str]) -> tuple
     return tuple(k.strip() for k in environ.get("OPENMINI_API_KEY", "").split(",") if k.strip())
 
 
+def default_data_dir() -> str:
+    """``$OPENMINI_HOME/data`` (``~/.cache/openmini/data`` when OPENMINI_HOME is unset)."""
+    from openmini.loaders.registry import openmini_home
+    return str(openmini_home() / "data")
+
+
+RESPONSES_DB = "responses.sqlite3"
+"""File name of the Responses API store inside ``--data-dir``."""
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     """Run ``openmini serve``; returns the process exit status.
 
-    Exit status: 0 after a clean shutdown, 1 when the model cannot be loaded, 2 for bad
-    arguments (argparse).
+    Exit status: 0 after a clean shutdown, 1 when the model or the data directory cannot
+    be loaded, 2 for bad arguments (argparse).
     """
     args = build_parser().parse_args(argv)
     level = getattr(logging, args.log_level.upper())
@@ -105,6 +118,14 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     from openmini.api.app import create_app
     from openmini.engine.async_engine import AsyncEngine
+    from openmini.store import SQLiteResponseStore, StoreError
+
+    data_dir = args.data_dir or default_data_dir()
+    try:
+        store = SQLiteResponseStore(os.path.join(data_dir, RESPONSES_DB))
+    except StoreError as exc:
+        print(f"openmini serve: {exc}", file=sys.stderr)
+        return 1
 
     config = EngineConfig(
         model=model, dtype=args.dtype, num_threads=args.num_threads,
@@ -117,6 +138,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - missing files, failed pull, bad format...
         logger.debug("model load failed", exc_info=True)
         print(f"openmini serve: cannot load model {model!r}: {exc}", file=sys.stderr)
+        store.close()
         return 1
     try:
         name = args.served_model_name or (
@@ -128,7 +150,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             api_keys=api_keys_from(args.api_key, dict(os.environ)),
             max_num_seqs=args.max_num_seqs,
             max_queue=None if args.max_queue < 0 else args.max_queue)
-        app = create_app(engine, settings)
+        app = create_app(engine, settings, store)
         server = uvicorn.Server(uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
             timeout_graceful_shutdown=args.graceful_timeout))
@@ -147,5 +169,6 @@ def serve_main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
     finally:
         engine.shutdown()
+        store.close()
     logger.info("shut down cleanly")
     return 0

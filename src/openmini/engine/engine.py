@@ -22,13 +22,14 @@ from openmini.engine.model_runner import ModelRunner
 from openmini.engine.output_processor import OutputProcessor
 from openmini.engine.protocol import EngineStats
 from openmini.engine.request import Request, RequestStatus
-from openmini.engine.sampler import Sampler
+from openmini.engine.sampler import NoAllowedTokenError, Sampler
 from openmini.engine.scheduler import Scheduler
 from openmini.loaders.model_files import ModelFiles, load_model_files
 from openmini.models.attention import kv_cache_bytes_per_block
 from openmini.models.registry import build_model
 from openmini.outputs import RequestOutput
 from openmini.sampling_params import SamplingParams
+from openmini.structured.llguidance_backend import LLGuidanceBackend
 from openmini.tokenizer.chat_template import ChatTemplate
 from openmini.tokenizer.tokenizer import Tokenizer
 
@@ -102,6 +103,9 @@ class Engine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
             self.model_config.eos_token_ids)
         self.num_blocks = num_blocks
+        #: grammar backend for ``SamplingParams.structured_output`` (token view built lazily)
+        self.structured = LLGuidanceBackend(self.tokenizer, self.model_config.vocab_size,
+                                            self.eos_token_ids)
         logger.info("loaded %s (%s) in %.1fs: %d KV blocks of %d tokens",
                     config.model, self.model_config.architecture, time.perf_counter() - t0,
                     num_blocks, cache_cfg.block_size)
@@ -139,12 +143,19 @@ class Engine:
                     prompt: str | None = None) -> None:
         """Queue a request (``params.n`` sequences sharing the prompt's blocks).
 
+        With ``params.structured_output`` each sequence gets its own grammar matcher (the
+        grammar is compiled once, cached by spec).
+
         Raises:
             ValueError / ContextLengthExceededError: see ``check_request``; also a duplicate id.
+            StructuredOutputError: the structured output cannot be enforced.
         """
         if self.output_processor.has(request_id):
             raise ValueError(f"Duplicate request id {request_id!r}.")
         max_tokens = self.check_request(prompt_token_ids, params)
+        spec = params.structured_output
+        if spec is not None:
+            self.structured.compile(spec)  # fail before anything is queued
         seqs = []
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -153,7 +164,8 @@ class Engine:
                 sampling_params=params, eos_token_ids=self.eos_token_ids,
                 max_tokens=max_tokens, parent_id=request_id, index=i,
                 wait_for_prefill_of=seqs[0].request_id if i > 0 else None,
-                logprobs=[] if params.logprobs is not None else None))
+                logprobs=[] if params.logprobs is not None else None,
+                grammar=self.structured.new_matcher(spec) if spec is not None else None))
         self.output_processor.add(request_id, prompt, list(prompt_token_ids), seqs)
         for seq in seqs:
             self.scheduler.add_request(seq)
@@ -180,17 +192,47 @@ class Engine:
         if sched_out.total_num_scheduled_tokens == 0:
             return []
         run_out = self.runner.execute(sched_out, self.kv_manager.get_block_ids)
-        sampled = {}
-        if run_out.requests:
-            masks = None
-            if any(r.grammar is not None for r in run_out.requests):
-                masks = [r.grammar.allowed_token_mask() if r.grammar is not None else None
-                         for r in run_out.requests]
-            samp = self.sampler(run_out.logits, run_out.requests, masks)
-            for req, tok, lp in zip(run_out.requests, samp.token_ids, samp.logprobs):
-                sampled[req.request_id] = (tok, lp)
+        aborted: list[Request] = []
+        sampled = self._sample(run_out.logits, run_out.requests, aborted)
         changed = self.scheduler.update_from_output(sched_out, sampled)
-        return self.output_processor.process(changed)
+        return self.output_processor.process(changed + aborted)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request],
+                aborted: list[Request]) -> dict[str, tuple[int, object]]:
+        """Sample one token per row; grammar masks come from each request's matcher.
+
+        A request whose grammar allows no token at all (an internal grammar error) is
+        aborted and the others are sampled without it; the scheduler then skips it.
+
+        Args:
+            logits: ``[B, W]`` float32, one row per request.
+            requests: the B sampling requests, in row order.
+            aborted: receives the requests aborted here.
+
+        Returns:
+            request id -> (token id, logprobs or None) for the requests that sampled.
+        """
+        rows = list(range(len(requests)))
+        while rows:
+            reqs = [requests[i] for i in rows]
+            masks = None
+            if any(r.grammar is not None for r in reqs):
+                masks = [r.grammar.allowed_token_mask() if r.grammar is not None else None
+                         for r in reqs]
+            try:
+                out = self.sampler(logits[rows] if len(rows) < len(requests) else logits,
+                                   reqs, masks)
+            except NoAllowedTokenError as exc:
+                bad = next(i for i in rows if requests[i].request_id == exc.request_id)
+                logger.error("grammar of %s allows no token (%s); aborting it",
+                             exc.request_id, getattr(requests[bad].grammar, "error", ""))
+                aborted += self.scheduler.finish_requests([exc.request_id],
+                                                          RequestStatus.FINISHED_ABORTED)
+                rows.remove(bad)
+                continue
+            return {r.request_id: (tok, lp)
+                    for r, tok, lp in zip(reqs, out.token_ids, out.logprobs)}
+        return {}
 
     def stats(self) -> EngineStats:
         """Occupancy and counters for /metrics."""

@@ -16,8 +16,9 @@ Per step (``schedule``), under a token budget of ``max_num_batched_tokens``:
    prompts are chunked by the budget (chunked prefill).
 
 ``update_from_output`` then advances ``num_computed_tokens``, registers newly full blocks in
-the prefix cache, appends sampled tokens and finishes requests on EOS / stop token ids /
-``max_tokens`` / the context window. Stop strings are the output processor's job (it calls
+the prefix cache, advances each request's grammar (``request.grammar``: ``accept_token`` /
+``is_terminated``; a rejected token is never appended), appends sampled tokens and finishes
+requests on EOS / stop token ids / a finished grammar / ``max_tokens`` / the context window. Stop strings are the output processor's job (it calls
 ``finish_requests``).
 """
 
@@ -289,6 +290,14 @@ class Scheduler:
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a prefill chunk short of the last token: no sample
             token_id, logprobs = sampled[req.request_id]
+            if req.grammar is not None and not req.grammar.accept_token(token_id):
+                # never append a token the grammar rejects (the sampler masks them, so this
+                # is an internal error): end the sequence without it
+                req.status = RequestStatus.FINISHED_ABORTED
+                self._free(req)
+                changed.append(req)
+                any_finished = True
+                continue
             req.output_token_ids.append(token_id)
             if logprobs is not None and req.sampling_params.logprobs is not None:
                 if req.logprobs is None:
@@ -310,8 +319,9 @@ class Scheduler:
         EOS (unless ``ignore_eos``) and ``stop_token_ids`` count only once more than
         ``min_tokens`` tokens exist (the sampler masks them before that, as in vLLM);
         a stop token sets ``stop_reason`` to its id. A stop token that is also the last
-        allowed token reports "stop". Then ``max_tokens`` and the context window
-        (``max_len``) give "length".
+        allowed token reports "stop". A grammar (``req.grammar``) that admits no further
+        token (its output is complete) reports "stop" too. Then ``max_tokens`` and the
+        context window (``max_len``) give "length".
         """
         params = req.sampling_params
         if req.num_output_tokens > params.min_tokens:
@@ -320,6 +330,8 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 req.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
+        if req.grammar is not None and req.grammar.is_terminated():
+            return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_len:
             return RequestStatus.FINISHED_LENGTH
         return None

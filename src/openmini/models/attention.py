@@ -61,6 +61,7 @@ class AttentionMetadata:
         query_start_loc: [B + 1] int64 prefix sums of query lengths.
         query_start_loc_list: the same as a Python list.
         seq_lens_list: context length of each sequence after this step, tokens.
+        seq_lens: [B] int64, the same as a tensor.
         query_lens_list: new tokens of each sequence this step.
         block_tables: [B, max_blocks] int64, padded with 0; the first
             ``ceil(seq_len / block_size)`` entries of row b are valid.
@@ -84,6 +85,7 @@ class AttentionMetadata:
     query_lens_list: list[int]
     block_tables: torch.Tensor
     block_size: int
+    seq_lens: torch.Tensor | None = None
     decode_only: bool = False
     max_seq_len: int = 0
     decode_token_index: torch.Tensor | None = None
@@ -167,6 +169,7 @@ class AttentionMetadata:
             query_lens_list=list(query_lens),
             block_tables=tensor(padded).view(B, max_blocks),
             block_size=block_size,
+            seq_lens=tensor(list(seq_lens)),
             decode_only=B > 0 and not prefill_seqs,
             max_seq_len=max(seq_lens, default=0),
         )
@@ -216,27 +219,25 @@ def allocate_kv_cache(
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values at their slots.
+def write_kv(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new keys and values at their slots (one ``index_copy_``).
 
     Args:
-        k, v: [T, Hkv, D] (cast to the cache dtype).
+        kv: [T, 2, Hkv, D] keys (``kv[:, 0]``) and values (``kv[:, 1]``); cast to the cache dtype.
         kv_cache: [2, num_blocks, block_size, Hkv, D], updated in place.
         slot_mapping: [T] int64.
     """
     _, _, _, Hkv, D = kv_cache.shape
-    flat = kv_cache.view(2, -1, Hkv, D)  # [2, slots, Hkv, D]
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    kv_cache.view(2, -1, Hkv, D).index_copy_(1, slot_mapping, kv.transpose(0, 1).to(kv_cache.dtype))
 
 
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: torch.Tensor,
     kv_cache: torch.Tensor,
     md: AttentionMetadata,
     scale: float,
+    kernels=None,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache and attend causally over each sequence's context.
 
@@ -246,21 +247,28 @@ def paged_attention(
 
     Args:
         q: [T, H, D] queries (RoPE applied).
-        k: [T, Hkv, D] new keys (RoPE applied).
-        v: [T, Hkv, D] new values.
+        kv: [T, 2, Hkv, D] new keys (RoPE applied) and values.
         kv_cache: [2, num_blocks, block_size, Hkv, D] of this layer (updated in place).
         md: step layout from ``AttentionMetadata.build``.
-        scale: softmax scale, usually ``D ** -0.5``.
+        scale: softmax scale (1.0 when q is pre-scaled).
+        kernels: optional ``openmini.models.quantization.NativeKernels``; decode-only steps
+            over a float32 cache then run its fused write + paged decode kernel (no gather).
 
     Returns:
         [T, H, D] attention output in q's dtype.
     """
     T, H, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    write_kv(k, v, kv_cache, md.slot_mapping)
-    if md.decode_only and md.prefills == [] and md.decode_token_range == (0, T):
+    if (
+        kernels is not None
+        and md.decode_only
+        and md.decode_token_range == (0, T)
+        and kernels.supports_decode(q, kv, kv_cache)
+    ):
+        return kernels.paged_decode(q, kv, kv_cache, md.slot_mapping, md.block_tables, md.seq_lens, scale)
+    write_kv(kv, kv_cache, md.slot_mapping)
+    if md.decode_only and md.decode_token_range == (0, T):
         return _decode(q, kv_cache, md, scale)
+    gqa = H != kv.shape[2]
     out = q.new_empty(T, H, D)
     if md.decode_token_index is not None:
         if md.decode_token_range is not None:
@@ -269,28 +277,26 @@ def paged_attention(
         else:
             idx = md.decode_token_index
             out.index_copy_(0, idx, _decode(q.index_select(0, idx), kv_cache, md, scale))
-    cache_dtype = kv_cache.dtype
+    # SDPA gets 4-D inputs: with 3-D ones torch 2.13 falls back to its slow math kernel
     for p in md.prefills:
-        qs = q[p.token_start : p.token_end].transpose(0, 1)  # [H, q, D]
+        qs = q[p.token_start : p.token_end].transpose(0, 1)[None]  # [1, H, q, D]
         if p.block_index is None:
-            ks = k[p.token_start : p.token_end].transpose(0, 1)  # [Hkv, q, D]
-            vs = v[p.token_start : p.token_end].transpose(0, 1)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=G > 1)
+            kvs = kv[p.token_start : p.token_end].permute(1, 2, 0, 3)[:, None]  # [2, 1, Hkv, q, D]
+            o = F.scaled_dot_product_attention(qs, kvs[0], kvs[1], is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            ks, vs = _gather(kv_cache, p.block_index, p.seq_len)  # [Hkv, S, D]
-            if cache_dtype != q.dtype:
-                qs = qs.to(cache_dtype)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=G > 1)
-        out[p.token_start : p.token_end] = o.transpose(0, 1)  # [q, H, D]
+            kvs = _gather(kv_cache, p.block_index, p.seq_len)  # [2, 1, Hkv, S, D]
+            if kvs.dtype != q.dtype:
+                qs = qs.to(kvs.dtype)
+            o = F.scaled_dot_product_attention(qs, kvs[0], kvs[1], attn_mask=p.mask, scale=scale, enable_gqa=gqa)
+        out[p.token_start : p.token_end] = o[0].transpose(0, 1)  # [q, H, D]
     return out
 
 
-def _gather(kv_cache: torch.Tensor, block_index: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of one sequence: ([Hkv, seq_len, D], [Hkv, seq_len, D]) views."""
-    _, _, bs, Hkv, D = kv_cache.shape
+def _gather(kv_cache: torch.Tensor, block_index: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Keys and values of one sequence as a [2, 1, Hkv, seq_len, D] view of a gathered copy."""
+    _, _, _, Hkv, D = kv_cache.shape
     kv = kv_cache.index_select(1, block_index)  # [2, nb, bs, Hkv, D]
-    kv = kv.view(2, -1, Hkv, D)[:, :seq_len].transpose(1, 2)  # [2, Hkv, S, D]
-    return kv[0], kv[1]
+    return kv.view(2, 1, -1, Hkv, D)[:, :, :seq_len].transpose(2, 3)  # [2, 1, Hkv, S, D]
 
 
 def _decode(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -303,15 +309,13 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scal
         [B_dec, H, D] in q's dtype.
     """
     Bd, H, D = q.shape
-    _, _, bs, Hkv, _ = kv_cache.shape
-    G = H // Hkv
-    kv = kv_cache.index_select(1, md.decode_block_index)  # [2, Bd*nb, bs, Hkv, D]
-    kv = kv.view(2, Bd, -1, Hkv, D)  # [2, Bd, L, Hkv, D]
+    Hkv = kv_cache.shape[3]
+    kv = kv_cache.index_select(1, md.decode_block_index).view(2, Bd, -1, Hkv, D)  # [2, Bd, L, Hkv, D]
     mask = md.decode_mask
-    if mask is None:
+    if mask is None:  # one sequence: cut the padding instead of masking it
         kv = kv[:, :, : md.decode_seq_len]
     kv = kv.transpose(2, 3)  # [2, Bd, Hkv, L, D]
-    qg = q.view(Bd, Hkv, G, D)  # query heads grouped by their KV head
+    qg = q.view(Bd, Hkv, H // Hkv, D)  # query heads grouped by their KV head
     if qg.dtype != kv.dtype:
         qg = qg.to(kv.dtype)
     o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=mask, scale=scale)  # [Bd, Hkv, G, D]

@@ -40,9 +40,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)  # [d]
         self._shape = (hidden_size,)
+        self.kernels = None  # native kernels, set by quantization.apply_weight_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, d] float32 -> [T, d] float32."""
+        if self.kernels is not None and x.is_contiguous():
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self._shape, self.weight, self.eps)
 
 
@@ -224,23 +227,36 @@ class RotaryEmbedding(nn.Module):
             self.freqs_cis = torch.cat([self.freqs_cis, self._table(size, new_size)])
         return self.freqs_cis[positions]
 
+    def for_qkv(self, positions: torch.Tensor, max_position: int, rotated_heads: int, plain_heads: int) -> torch.Tensor:
+        """Per-head rotations for a fused q/k/v tensor: ``rotated_heads`` heads rotated by the
+        position's angles, then ``plain_heads`` heads by exactly 1 (the values).
+
+        Returns:
+            [T, rotated_heads + plain_heads, head_dim // 2] complex64.
+        """
+        f = self(positions, max_position)  # [T, D/2]
+        T, half = f.shape
+        ones = torch.ones(T, plain_heads, half, dtype=f.dtype)
+        return torch.cat([f[:, None, :].expand(T, rotated_heads, half), ones], dim=1)
+
 
 def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of every head by ``freqs_cis``.
 
     Equivalent to HF's rotate-half ``x * cos + rotate_half(x) * sin`` on rows permuted by
-    ``interleave_rotary_rows``.
+    ``interleave_rotary_rows``. A rotation of exactly 1 leaves a head unchanged (bit-exact),
+    which lets the values ride along with queries and keys in one multiplication.
 
     Args:
-        x: [T, H, D] float32 (may be a strided view with unit last stride).
-        freqs_cis: [T, D // 2] complex64.
+        x: [T, H, D] float32 (unit last stride, other strides even).
+        freqs_cis: [T, H or 1, D // 2] complex64.
 
     Returns:
         [T, H, D] float32, a new contiguous tensor.
     """
     T, H, D = x.shape
     xc = torch.view_as_complex(x.unflatten(-1, (D // 2, 2)))  # [T, H, D/2] complex
-    return torch.view_as_real(xc * freqs_cis[:, None, :]).view(T, H, D)
+    return torch.view_as_real(xc * freqs_cis).view(T, H, D)
 
 
 def interleave_rotary_rows(w: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -266,10 +282,11 @@ def interleave_rotary_rows(w: torch.Tensor, num_heads: int, head_dim: int) -> to
 
 
 class Linear(nn.Module):
-    """``y = x @ weight.T (+ bias)`` with weight [out_features, in_features] (HF layout).
+    """``y = x @ weight.T (+ bias)`` in float32, weight [out_features, in_features] (HF layout).
 
-    Float32 weights by default. ``openmini.models.quantization`` swaps the weight format
-    (bfloat16 or int8) after loading; this class is the float32 / bfloat16 version.
+    ``openmini.models.quantization`` replaces these modules after loading by bfloat16 / int8 /
+    int4 versions with the same two methods. Those return bfloat16 from ``forward`` when
+    they have no bias, so callers accept either float dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -279,19 +296,14 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in] float32 -> [T, out] float32."""
-        w = self.weight
-        if w.dtype != x.dtype:  # bfloat16 weights: matmul in bf16, bias added in x's dtype
-            y = F.linear(x.to(w.dtype), w).to(x.dtype)
-            return y if self.bias is None else y.add_(self.bias)
-        return F.linear(x, w, self.bias)
+        """x: [T, in] -> [T, out] float32."""
+        return F.linear(x.float(), self.weight, self.bias)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)``; one fused ``addmm`` in float32. Shapes: [T, in], [T, out]."""
-        w = self.weight
-        if w.dtype == x.dtype and self.bias is None:
-            return torch.addmm(residual, x, w.t())
-        return self(x).add_(residual)
+        """``residual + self(x)`` as one fused ``addmm``. Shapes: [T, in], [T, out] float32."""
+        if self.bias is not None:
+            return torch.addmm(residual + self.bias, x.float(), self.weight.t())
+        return torch.addmm(residual, x.float(), self.weight.t())
 
 
 class GatedMLP(nn.Module):
@@ -307,18 +319,19 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """x: [T, d] (normed), residual: [T, d] -> residual + mlp(x): [T, d]."""
-        gate_up = self.gate_up_proj(x)  # [T, 2I]
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, I] each
+        """x: [T, d] (normed), residual: [T, d] float32 -> residual + mlp(x): [T, d] float32."""
+        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)  # [T, I] each
         return self.down_proj.forward_add(F.silu(gate).mul_(up), residual)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with grouped-query heads, RoPE and a paged KV cache.
 
-    ``qkv_proj`` rows: q (num_heads * head_dim, RoPE-interleaved), k (num_kv_heads *
-    head_dim, RoPE-interleaved), v (num_kv_heads * head_dim). Scale ``1/sqrt(head_dim)``
-    (Vaswani et al. 2017; GQA: Ainslie et al. 2023, arXiv:2305.13245).
+    ``qkv_proj`` rows: q (num_heads * head_dim), k (num_kv_heads * head_dim), v
+    (num_kv_heads * head_dim). After loading, the q and k rows are in the interleaved RoPE
+    layout and the q rows (and bias) are pre-multiplied by the softmax scale
+    ``1/sqrt(head_dim)`` (Vaswani et al. 2017), so attention runs with scale 1
+    (GQA: Ainslie et al. 2023, arXiv:2305.13245).
 
     Args:
         config: model config.
@@ -336,6 +349,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.kernels = None  # native kernels, set by quantization.apply_weight_format
 
     def forward_add(
         self,
@@ -349,8 +363,9 @@ class Attention(nn.Module):
 
         Args:
             x: [T, d] normed hidden states.
-            residual: [T, d] residual stream.
-            freqs_cis: [T, head_dim // 2] complex64 RoPE rotations of this step's positions.
+            residual: [T, d] float32 residual stream.
+            freqs_cis: [T, H + 2 * Hkv, head_dim // 2] complex64 rotations of this step's
+                positions for q and k heads, 1 for v heads (``RotaryEmbedding.for_qkv``).
             attn_metadata: batch layout (see ``AttentionMetadata``).
             kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] of this layer;
                 this step's keys and values are written into it.
@@ -360,11 +375,10 @@ class Attention(nn.Module):
         """
         T = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)  # [T, (H + 2Hkv) * D]
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D), freqs_cis)  # [T, H+Hkv, D]
-        q, k = qk[:, :H], qk[:, H:]  # [T, H, D], [T, Hkv, D]
-        v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)  # [T, Hkv, D]
-        out = paged_attention(q, k, v, kv_cache, attn_metadata, self.scale)  # [T, H, D]
+        qkv = self.qkv_proj.forward(x).float().view(T, H + 2 * Hkv, D)  # [T, H+2Hkv, D]
+        qkv = apply_rotary(qkv, freqs_cis)  # q, k rotated; v unchanged
+        kv = qkv[:, H:].view(T, 2, Hkv, D)  # [T, 2, Hkv, D]
+        out = paged_attention(qkv[:, :H], kv, kv_cache, attn_metadata, 1.0, self.kernels)  # [T, H, D]
         return self.o_proj.forward_add(out.view(T, self.q_size), residual)
 
 
@@ -386,5 +400,6 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
         """x: [T, d] residual stream -> [T, d] residual stream after this layer."""
-        x = self.self_attn.forward_add(self.input_layernorm(x), x, freqs_cis, attn_metadata, kv_cache)
-        return self.mlp.forward_add(self.post_attention_layernorm(x), x)
+        # submodules are called through .forward: nn.Module.__call__ costs microseconds per call
+        x = self.self_attn.forward_add(self.input_layernorm.forward(x), x, freqs_cis, attn_metadata, kv_cache)
+        return self.mlp.forward_add(self.post_attention_layernorm.forward(x), x)

@@ -16,7 +16,7 @@ from torch import nn
 from openmini.config import ModelConfig
 from openmini.models.attention import AttentionMetadata
 from openmini.models.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding, interleave_rotary_rows
-from openmini.models.quantization import apply_weight_format, resolve_dtype_mode
+from openmini.models.quantization import NativeKernels, apply_weight_format, resolve_dtype_mode
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # HF names inside a layer -> (our parameter path, row slice name or None)
@@ -37,14 +37,17 @@ class LlamaForCausalLM(nn.Module):
 
     Args:
         config: architecture hyper-parameters.
-        dtype_mode: ``"float32"`` (exact, for tests), ``"auto"`` (fastest format this CPU
-            supports well: bfloat16 linears on AMX / AVX512-BF16 CPUs, int8 weight-only
-            linears otherwise; fp32 norms, residual stream, RoPE and logits; bfloat16 KV
-            cache), or an explicit ``"bfloat16"`` / ``"int8"``.
+        dtype_mode: ``"float32"`` (exact, for tests), ``"auto"`` (the fastest format this
+            CPU supports well: bfloat16 linears and KV cache on AMX / AVX512-BF16 CPUs, else
+            int4/int8 weight-only linears and a float32 KV cache; norms, residual stream,
+            RoPE and logits stay float32), or an explicit ``"bfloat16"`` / ``"int8"`` /
+            ``"int4"`` / ``"mixed"`` (see ``openmini.models.quantization``).
 
     Attributes:
         kv_dtype: dtype the KV cache must be allocated with.
-        linear_format: ``"float32"``, ``"bfloat16"`` or ``"int8"``.
+        linear_format: weight format of the linear layers (``quantization.DTYPE_MODES``).
+        native_kernels: the quantized layers run the native AVX2 kernels (set by
+            ``load_weights``; see ``openmini.models.quantization``).
 
     Raises:
         ValueError: unknown ``dtype_mode`` or inconsistent head sizes.
@@ -68,6 +71,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.loaded = False
+        self.native_kernels = False
 
     @classmethod
     def _biases(cls, config: ModelConfig) -> tuple[bool, bool]:
@@ -97,17 +101,24 @@ class LlamaForCausalLM(nn.Module):
 
         Returns:
             [T, hidden_size] float32 final-normed hidden states.
+
+        Raises:
+            ValueError: ``kv_caches`` does not hold one tensor per layer.
         """
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} KV cache tensors (one per layer), got {len(kv_caches)}")
         x = F.embedding(input_ids, self.embed_tokens)  # [T, d]
-        freqs_cis = self.rotary(positions, attn_metadata.max_seq_len)  # [T, D/2] complex
+        cfg = self.config
+        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        freqs_cis = self.rotary.for_qkv(positions, attn_metadata.max_seq_len, H + Hkv, Hkv)  # [T, H+2Hkv, D/2]
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, freqs_cis, attn_metadata, kv_cache)
-        return self.norm(x)
+            x = layer.forward(x, freqs_cis, attn_metadata, kv_cache)
+        return self.norm.forward(x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, d] (rows of ``forward``'s output) -> [B, vocab_size] float32 logits."""
-        return self.lm_head(hidden).float()
+        return self.lm_head.forward(hidden).float()
 
     # ------------------------------------------------------------------------------------
     # weights
@@ -150,8 +161,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"missing weights: {', '.join(missing[:5])}{more}")
         if cfg.tie_word_embeddings:
             self.lm_head.weight.copy_(self.embed_tokens)
-        self._permute_rotary_rows()
-        apply_weight_format(self, self.linear_format)
+        self._prepare_qkv_rows()
+        kernels = NativeKernels.load() if self.linear_format in ("int8", "int4", "mixed") else None
+        apply_weight_format(self, self.linear_format, kernels)
+        self.native_kernels = kernels is not None
         self.loaded = True
 
     def _expected_names(self) -> set[str]:
@@ -196,8 +209,9 @@ class LlamaForCausalLM(nn.Module):
         rows = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter), "up": (inter, inter)}[part]
         return full.narrow(0, *rows)
 
-    def _permute_rotary_rows(self) -> None:
-        """Reorder q/k rows (and biases) to the interleaved RoPE layout ``apply_rotary`` uses."""
+    def _prepare_qkv_rows(self) -> None:
+        """Reorder q/k rows (and biases) to the interleaved RoPE layout ``apply_rotary`` uses
+        and fold the softmax scale ``1/sqrt(head_dim)`` into the q rows."""
         cfg = self.config
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         for layer in self.layers:
@@ -206,5 +220,5 @@ class LlamaForCausalLM(nn.Module):
                 if t is None:
                     continue
                 q, k = t.narrow(0, 0, H * D), t.narrow(0, H * D, Hkv * D)
-                q.copy_(interleave_rotary_rows(q.clone(), H, D))
+                q.copy_(interleave_rotary_rows(q.clone(), H, D) * layer.self_attn.scale)
                 k.copy_(interleave_rotary_rows(k.clone(), Hkv, D))

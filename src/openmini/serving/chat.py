@@ -5,6 +5,13 @@ Response and chunk shapes follow shared/API.md section 2: the non-streaming
 ``{role, content: "", refusal: null}``, content deltas, then ``delta: {}`` with the
 finish_reason; with ``include_usage`` every chunk has ``usage: null`` and one last chunk
 with ``choices: []`` carries the usage.
+
+Tools and ``response_format`` (serving/tools.py, serving/structured.py) become a grammar in
+``SamplingParams.structured_output``; tool calls are parsed out of the text with the
+streaming parser of serving/tool_parsers.py, so streamed and non-streamed results match.
+Tool-call deltas: the first fragment of call k is ``{index: k, id, type: "function",
+function: {name, arguments: ""}}`` (the first one of a choice also carries ``role`` and
+``content: null``), later fragments ``{index: k, function: {arguments}}``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,14 @@ from openmini.serving.generation import GenerationStream
 from openmini.serving.logprobs import LogprobFormatter
 from openmini.serving.protocol import ChatCompletionRequest
 from openmini.serving.sampling import build_sampling_params, check_context_length
+from openmini.serving.structured import (
+    check_json_mentioned,
+    response_format_constraint,
+    structured_output_spec,
+    tool_constraints,
+)
+from openmini.serving.tool_parsers import ContentDelta, ParsedOutputBuilder, ToolCallStarted
+from openmini.serving.tools import ToolCallingPlan, plan_tool_calling
 from openmini.serving.usage import Usage
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -68,8 +83,9 @@ class PreparedChat:
         request_id: ``chatcmpl-…``, also the engine request id.
         created: unix seconds.
         prompt_token_ids: the rendered conversation.
-        sampling_params: engine settings.
+        sampling_params: engine settings (with the grammar, if any).
         request: the validated request.
+        tools: tools, tool_choice and the call format of this request.
     """
 
     request_id: str
@@ -77,6 +93,7 @@ class PreparedChat:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     request: ChatCompletionRequest
+    tools: ToolCallingPlan
 
 
 class ChatCompletionService:
@@ -100,14 +117,22 @@ class ChatCompletionService:
         """Render the prompt, check the window, build SamplingParams (no engine work yet).
 
         Raises:
-            OpenAIError: 400 for unsupported features, template errors (param
-                ``messages``), ``context_length_exceeded``, bad sampling values.
+            OpenAIError: 400 for template errors (param ``messages``), schemas the grammar
+                cannot enforce (param at the schema), ``json_object`` without "json" in the
+                messages, ``context_length_exceeded``, bad sampling values.
         """
-        self._check_supported(req)
-        ids = self.render(req.messages)
+        plan = plan_tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls,
+                                 self.engine.chat_template)
+        answer = response_format_constraint(req.response_format)
+        if req.response_format and req.response_format.get("type") == "json_object":
+            check_json_mentioned(m.get("content") for m in req.messages)
+        spec = structured_output_spec(plan, answer, tool_constraints(plan.tools))
+        messages, template_tools = plan.prompt(req.messages)
+        ids = self.render(messages, template_tools)
         check_context_length(len(ids), req.options.max_tokens, self.engine.max_model_len)
         params = build_sampling_params(req.options, self.engine.model_config.vocab_size)
-        return PreparedChat(random_id("chatcmpl-"), int(time.time()), ids, params, req)
+        params.structured_output = spec
+        return PreparedChat(random_id("chatcmpl-"), int(time.time()), ids, params, req, plan)
 
     def render(self, messages: list[dict[str, Any]],
                tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -134,18 +159,6 @@ class ChatCompletionService:
                                   f"template: {exc}", param="messages",
                                   code="invalid_value") from exc
 
-    @staticmethod
-    def _check_supported(req: ChatCompletionRequest) -> None:
-        """Features that belong to later issues get a clear 400 instead of being ignored."""
-        if req.tools:
-            raise invalid_request("Tool calling ('tools') is not supported by this server "
-                                  "yet.", param="tools", code="unsupported_parameter")
-        rf = req.response_format
-        if rf is not None and rf.get("type") != "text":
-            raise invalid_request(
-                f"response_format type '{rf.get('type')}' is not supported by this server yet; "
-                f"only 'text' is.", param="response_format.type", code="unsupported_value")
-
     # ---- running ------------------------------------------------------------------------------
 
     async def start(self, prep: PreparedChat) -> GenerationStream:
@@ -154,23 +167,47 @@ class ChatCompletionService:
                                             prep.sampling_params, prep.request_id)
 
     async def create(self, prep: PreparedChat) -> dict[str, Any]:
-        """Run a non-streaming request to the end; returns the ``chat.completion`` body."""
+        """Run a non-streaming request to the end; returns the ``chat.completion`` body.
+
+        With tools and n = 1 the output is parsed as it grows and generation stops at a
+        repeated tool call (the streaming path stops at the same output).
+        """
         stream = await self.start(prep)
-        out = await stream.collect()
-        return self.completion_body(prep, out)
+        if not (prep.tools.parses_tool_calls and prep.sampling_params.n == 1):
+            return self.completion_body(prep, await stream.collect())
+        parser = prep.tools.parser()
+        async for out in stream:
+            parser.feed(out.outputs[0].delta_text)
+            if parser.stopped:
+                await stream.aclose()
+                break
+        return self.completion_body(prep, stream.last)
 
     def completion_body(self, prep: PreparedChat, out: RequestOutput) -> dict[str, Any]:
         """The ``chat.completion`` object for a finished request."""
         want_lp = prep.sampling_params.logprobs is not None
         choices = []
         for c in out.outputs:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None,
+                                       "annotations": []}
+            if prep.tools.parses_tool_calls:
+                parsed, repeated = prep.tools.parse(c.text)
+                message["content"] = parsed.content
+                if parsed.tool_calls:
+                    message["tool_calls"] = [
+                        {"id": tool_call_id(), "type": "function",
+                         "function": {"name": tc.name, "arguments": tc.arguments}}
+                        for tc in parsed.tool_calls]
+                reason = prep.tools.finish_reason(
+                    None if repeated else finish_reason(c), len(parsed.tool_calls), repeated)
+            else:
+                reason = finish_reason(c)
             choices.append({
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None,
-                            "annotations": []},
+                "message": message,
                 "logprobs": ({"content": self.logprobs.chat_content(c.logprobs),
                               "refusal": None} if want_lp else None),
-                "finish_reason": finish_reason(c),
+                "finish_reason": reason,
             })
         return {"id": prep.request_id, "object": "chat.completion", "created": prep.created,
                 "model": self.model_name, "choices": choices,
@@ -197,6 +234,12 @@ class ChatCompletionService:
             return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": finish}], **extra}
 
+        if prep.tools.parses_tool_calls:
+            async for c in self._tool_chunks(prep, stream, chunk):
+                yield c
+            if opts.include_usage:
+                yield {**base, "choices": [], "usage": usage_of(stream.last).to_openai()}
+            return
         for i in range(prep.sampling_params.n):
             yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
         done: set[int] = set()
@@ -214,3 +257,84 @@ class ChatCompletionService:
         if opts.include_usage:
             yield {**base, "choices": [], "usage": usage_of(stream.last).to_openai()}
 
+
+    async def _tool_chunks(self, prep: PreparedChat, stream: GenerationStream,
+                           chunk: Any) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of a request whose output may hold tool calls (one parser per choice).
+
+        A choice's first chunk carries ``role``: with ``content: ""`` when it starts with
+        text, with ``content: null`` and the first tool-call fragment when it starts with a
+        call. Logprobs of tokens whose text is held back ride on the next chunk (the last
+        ones on the finish chunk).
+        """
+        want_lp = prep.sampling_params.logprobs is not None
+        n = prep.sampling_params.n
+        parsers = [prep.tools.parser() for _ in range(n)]
+        counts = [ParsedOutputBuilder() for _ in range(n)]
+        started = [False] * n
+        pending_lp: list[list] = [[] for _ in range(n)]
+        done: set[int] = set()
+
+        def deltas(i: int, events: list) -> list[dict[str, Any]]:
+            out = []
+            for ev in events:
+                if isinstance(ev, ContentDelta):
+                    if not started[i]:
+                        out.append({"role": "assistant", "content": "", "refusal": None})
+                    out.append({"content": ev.text})
+                elif isinstance(ev, ToolCallStarted):
+                    call = {"index": ev.index, "id": tool_call_id(), "type": "function",
+                            "function": {"name": ev.name, "arguments": ""}}
+                    if started[i]:
+                        out.append({"tool_calls": [call]})
+                    else:
+                        out.append({"role": "assistant", "content": None, "refusal": None,
+                                    "tool_calls": [call]})
+                else:
+                    out.append({"tool_calls": [{"index": ev.index,
+                                                "function": {"arguments": ev.text}}]})
+                started[i] = True
+            counts[i].add(events)
+            return out
+
+        def emit(i: int, events: list, lp: list) -> list[dict[str, Any]]:
+            pending_lp[i].extend(lp)
+            out = []
+            for d in deltas(i, events):
+                logprobs = None
+                if want_lp:
+                    logprobs = {"content": pending_lp[i], "refusal": None}
+                    pending_lp[i] = []
+                out.append(chunk(i, d, logprobs))
+            return out
+
+        async for out in stream:
+            for c in out.outputs:
+                if c.index in done:
+                    continue
+                i = c.index
+                lp = self.logprobs.chat_content(c.delta_logprobs) if want_lp else []
+                for ch in emit(i, parsers[i].feed(c.delta_text) if c.delta_text else [], lp):
+                    yield ch
+                repeated = parsers[i].stopped
+                if c.finish_reason is not None or repeated:
+                    done.add(i)
+                    for ch in emit(i, parsers[i].finish(), []):
+                        yield ch
+                    if not started[i]:
+                        yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
+                    reason = prep.tools.finish_reason(
+                        None if repeated else finish_reason(c), len(counts[i].tool_calls),
+                        repeated)
+                    rest = ({"content": pending_lp[i], "refusal": None}
+                            if want_lp and pending_lp[i] else None)
+                    yield chunk(i, {}, rest, reason)
+            if len(done) == n:
+                if not out.finished:
+                    await stream.aclose()  # every choice ended at a repeated call
+                break
+
+
+def tool_call_id() -> str:
+    """An OpenAI-style tool call id: ``call_`` and 24 random characters."""
+    return random_id("call_", 24)

@@ -15,6 +15,7 @@ from openmini.engine.protocol import EngineClient
 from openmini.outputs import RequestOutput
 from openmini.sampling_params import SamplingParams
 from openmini.serving.errors import OpenAIError, invalid_request, server_error
+from openmini.structured.errors import StructuredOutputError
 
 
 def engine_error(exc: BaseException) -> OpenAIError:
@@ -23,6 +24,9 @@ def engine_error(exc: BaseException) -> OpenAIError:
         return exc
     if isinstance(exc, ContextLengthExceededError):
         return invalid_request(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, StructuredOutputError):
+        return invalid_request(f"The requested output format cannot be enforced: {exc}",
+                               code="invalid_json_schema")
     if isinstance(exc, EngineDeadError):
         return server_error("The engine is not running (the server is shutting down).",
                             status=503)
