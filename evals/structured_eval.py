@@ -11,8 +11,9 @@ once so the engine batches them, greedy, fp32:
    outputs that finished.
 2. Tool calling: `TOOL_PROMPTS` (>= 30 prompts, each with 1-3 tools) in ``required`` and
    named (``{"type": "function", ...}`` of the tool the prompt needs) mode: the share of
-   calls that name a listed tool with schema-valid arguments, and in ``auto`` mode the share
-   of prompts answered with a call (the call rate) and with the expected tool.
+   calls that name a listed tool with schema-valid arguments (all calls, and the calls not
+   cut off by ``max_tokens``), and in ``auto`` mode the share of prompts answered with a
+   call (the call rate) and with the expected tool.
 
 Usage::
 
@@ -311,7 +312,8 @@ def eval_schemas(service, model: str, max_tokens: int, limit: int | None) -> dic
               for name, prompt, schema in items]
     results = asyncio.run(_run_all(service, bodies))
     valid = cut = finished_valid = finished = 0
-    failures = []
+    failures: list[tuple[str, str]] = []
+    cut_examples: list[tuple[str, str]] = []
     for (name, _, schema), res in zip(items, results):
         if isinstance(res, OpenAIError):
             failures.append((name, f"HTTP {res.status}: {res.message[:80]}"))
@@ -319,6 +321,7 @@ def eval_schemas(service, model: str, max_tokens: int, limit: int | None) -> dic
         choice = res["choices"][0]
         if choice["finish_reason"] == "length":
             cut += 1
+            cut_examples.append((name, (choice["message"]["content"] or "")[-160:]))
         else:
             finished += 1
         try:
@@ -332,7 +335,7 @@ def eval_schemas(service, model: str, max_tokens: int, limit: int | None) -> dic
     n = len(items)
     return {"schemas": n, "valid": valid, "valid_pct": 100 * valid / n, "cut_off": cut,
             "valid_of_finished_pct": 100 * finished_valid / max(finished, 1),
-            "failures": failures}
+            "failures": failures, "cut_off_tails": cut_examples}
 
 
 def eval_tools(service, model: str, max_tokens: int, limit: int | None) -> dict[str, Any]:
@@ -347,26 +350,32 @@ def eval_tools(service, model: str, max_tokens: int, limit: int | None) -> dict[
                            "messages": [{"role": "user", "content": prompt}],
                            "tools": [T[k] for k in keys], "tool_choice": choice})
         results = asyncio.run(_run_all(service, bodies))
-        calls = good = with_call = expected_hit = cut = 0
+        calls = good = complete = complete_good = with_call = expected_hit = cut = 0
         for (prompt, keys, expected), res in zip(items, results):
             if isinstance(res, OpenAIError):
                 continue
             choice = res["choices"][0]
-            cut += choice["finish_reason"] == "length"
+            was_cut = choice["finish_reason"] == "length"
+            cut += was_cut
             tool_calls = choice["message"].get("tool_calls") or []
             with_call += bool(tool_calls)
             expected_hit += any(tc["function"]["name"] == expected for tc in tool_calls)
             schemas = {T[k]["function"]["name"]: T[k]["function"]["parameters"] for k in keys}
-            for tc in tool_calls:
+            for k, tc in enumerate(tool_calls):
                 calls += 1
+                finished = not (was_cut and k == len(tool_calls) - 1)  # not cut off
+                complete += finished
                 fn = tc["function"]
                 try:
                     _validator(schemas[fn["name"]]).validate(json.loads(fn["arguments"]))
                 except (KeyError, ValueError, jsonschema.ValidationError):
                     continue
                 good += 1
+                complete_good += finished
         out[mode] = {"with_call_pct": 100 * with_call / len(items),
                      "calls": calls, "valid_calls_pct": 100 * good / max(calls, 1),
+                     "complete_calls": complete,
+                     "valid_complete_calls_pct": 100 * complete_good / max(complete, 1),
                      "expected_tool_pct": 100 * expected_hit / len(items), "cut_off": cut}
     return out
 
@@ -401,15 +410,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{schemas['valid_of_finished_pct']:.1f}% of finished outputs valid\n")
     for name, why in schemas["failures"]:
         print(f"- invalid: {name}: {why}")
+    if schemas["cut_off_tails"]:
+        print("\nCut off by max_tokens: " + ", ".join(n for n, _ in schemas["cut_off_tails"]))
     print(f"\nTool calling ({tools['prompts']} prompts, max_tokens {args.tool_max_tokens}, "
           f"{t2 - t1:.0f} s):\n")
     print("| mode | answers with a call | calls valid (listed tool, schema-valid args) | "
-          "expected tool called | cut off |")
-    print("|---|---|---|---|---|")
+          "complete calls valid | expected tool called | cut off by max_tokens |")
+    print("|---|---|---|---|---|---|")
     for mode in ("required", "named", "auto"):
         m = tools[mode]
         print(f"| {mode} | {m['with_call_pct']:.1f}% | {m['valid_calls_pct']:.1f}% "
-              f"({m['calls']} calls) | {m['expected_tool_pct']:.1f}% | {m['cut_off']} |")
+              f"({m['calls']} calls) | {m['valid_complete_calls_pct']:.1f}% "
+              f"({m['complete_calls']}) | {m['expected_tool_pct']:.1f}% | {m['cut_off']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "schemas": schemas, "tools": tools}, f, indent=2)

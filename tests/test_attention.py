@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from openmini.models.attention import AttentionMetadata, paged_attention
+from openmini.models.layers import apply_rotary
 from openmini.models.quantization import NativeKernels
 
 H, HKV, D = 6, 2, 16
@@ -28,8 +29,11 @@ def _reference(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, scale:
     return F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale).transpose(0, 1)
 
 
-def _run_case(seed: int, kinds: list[str], block_size: int, cache_dtype: torch.dtype, kernels=None):
-    """Build a batch of sequences of the given kinds; return (ours, reference, cache, md, k, v)."""
+def _run_case(seed: int, kinds: list[str], block_size: int, cache_dtype: torch.dtype):
+    """Build a batch of sequences of the given kinds and run ``paged_attention`` on it.
+
+    Returns (ours [T, H, D], reference [T, H, D], cache, metadata, q, new k, new v).
+    """
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     num_blocks = 640 // block_size + 16  # room for six sequences of <= 72 tokens
@@ -61,13 +65,13 @@ def _run_case(seed: int, kinds: list[str], block_size: int, cache_dtype: torch.d
     k_new = torch.cat([s[1][-s[0].shape[0] :] for s in seqs])
     v_new = torch.cat([s[2][-s[0].shape[0] :] for s in seqs])
     scale = D**-0.5
-    out = paged_attention(q, torch.stack([k_new, v_new], dim=1), cache, md, scale, kernels)
+    out = paged_attention(q, torch.stack([k_new, v_new], dim=1), cache, md, scale)
     ref = []
     for q_s, k_all, v_all, _, _ in seqs:
         if cache_dtype != torch.float32:  # the reference sees what the cache holds
             k_all, v_all = k_all.to(cache_dtype).float(), v_all.to(cache_dtype).float()
         ref.append(_reference(q_s, k_all, v_all, scale))
-    return out, torch.cat(ref), cache, md, k_new, v_new
+    return out, torch.cat(ref), cache, md, q, k_new, v_new
 
 
 KIND_MIXES = [
@@ -87,7 +91,7 @@ def test_paged_attention_matches_sdpa(mix, block_size):
     for seed in range(3):
         kinds = list(KIND_MIXES[mix])
         random.Random(100 + seed).shuffle(kinds)
-        out, ref, cache, md, k_new, v_new = _run_case(seed * 31 + mix, kinds, block_size, torch.float32)
+        out, ref, cache, md, _, k_new, v_new = _run_case(seed * 31 + mix, kinds, block_size, torch.float32)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         # the new keys/values landed at their slots
         flat = cache.view(2, -1, HKV, D)
@@ -97,7 +101,7 @@ def test_paged_attention_matches_sdpa(mix, block_size):
 
 def test_paged_attention_bfloat16_cache():
     kinds = ["decode", "chunk", "prefill", "decode", "decode"]
-    out, ref, _, _, _, _ = _run_case(7, kinds, 4, torch.bfloat16)
+    out, ref, *_ = _run_case(7, kinds, 4, torch.bfloat16)
     assert out.dtype == torch.float32
     # fresh prefills use the float32 keys of this step; everything else reads bf16
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
@@ -133,17 +137,28 @@ def test_metadata_rejects_bad_layouts(args, match):
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("num_seqs", [1, 2, 7])
 def test_native_paged_decode_matches_sdpa(num_seqs, block_size):
-    """The fused AVX2 write + decode kernel (decode-only steps over a float32 cache)."""
+    """The fused AVX2 RoPE + cache write + decode kernel against RoPE + SDPA in torch."""
     kernels = NativeKernels.load()
     if kernels is None:
         pytest.skip("native kernels unavailable (no AVX2/FMA or no C compiler)")
-    calls = []
-    native = kernels.paged_decode
-    kernels.paged_decode = lambda *a: calls.append(1) or native(*a)
     for seed in range(3):
-        out, ref, cache, md, k_new, v_new = _run_case(seed, ["decode"] * num_seqs, block_size, torch.float32, kernels)
-        assert md.decode_only and len(calls) == seed + 1
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        g = torch.Generator().manual_seed(seed)
+        # reference run: keys/values and queries as they are after RoPE
+        _, ref, cache, md, q_rot, k_rot, v_new = _run_case(seed, ["decode"] * num_seqs, block_size, torch.float32)
+        assert md.decode_only
+        # undo what the reference step wrote, then let the kernel rotate and write
         flat = cache.view(2, -1, HKV, D)
-        torch.testing.assert_close(flat[0, md.slot_mapping], k_new, atol=0, rtol=0)
+        flat[:, md.slot_mapping] = 0.0
+        angles = torch.rand(num_seqs, D // 2, generator=g) * 6
+        rot = torch.polar(torch.ones_like(angles), angles)  # [B, D/2]
+        # inputs before RoPE: rotate back by the conjugate
+        q_raw = apply_rotary(q_rot, rot.conj()[:, None])
+        k_raw = apply_rotary(k_rot, rot.conj()[:, None])
+        qkv = torch.cat([q_raw.flatten(1), k_raw.flatten(1), v_new.flatten(1), torch.zeros(num_seqs, 5)], dim=1)
+        qkv = qkv[:, :-5]  # strided rows, as slices of a wider projection
+        out = kernels.paged_decode(
+            qkv, torch.view_as_real(rot).contiguous(), cache, md.slot_mapping, md.block_tables, md.seq_lens, H, D**-0.5
+        )
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(flat[0, md.slot_mapping], k_rot, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(flat[1, md.slot_mapping], v_new, atol=0, rtol=0)

@@ -237,7 +237,6 @@ def paged_attention(
     kv_cache: torch.Tensor,
     md: AttentionMetadata,
     scale: float,
-    kernels=None,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache and attend causally over each sequence's context.
 
@@ -251,20 +250,11 @@ def paged_attention(
         kv_cache: [2, num_blocks, block_size, Hkv, D] of this layer (updated in place).
         md: step layout from ``AttentionMetadata.build``.
         scale: softmax scale (1.0 when q is pre-scaled).
-        kernels: optional ``openmini.models.quantization.NativeKernels``; decode-only steps
-            over a float32 cache then run its fused write + paged decode kernel (no gather).
 
     Returns:
         [T, H, D] attention output in q's dtype.
     """
     T, H, D = q.shape
-    if (
-        kernels is not None
-        and md.decode_only
-        and md.decode_token_range == (0, T)
-        and kernels.supports_decode(q, kv, kv_cache)
-    ):
-        return kernels.paged_decode(q, kv, kv_cache, md.slot_mapping, md.block_tables, md.seq_lens, scale)
     write_kv(kv, kv_cache, md.slot_mapping)
     if md.decode_only and md.decode_token_range == (0, T):
         return _decode(q, kv_cache, md, scale)

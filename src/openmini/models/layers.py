@@ -16,6 +16,7 @@ Speed notes (CPU, per-op Python overhead matters at 135M parameters):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -227,17 +228,27 @@ class RotaryEmbedding(nn.Module):
             self.freqs_cis = torch.cat([self.freqs_cis, self._table(size, new_size)])
         return self.freqs_cis[positions]
 
-    def for_qkv(self, positions: torch.Tensor, max_position: int, rotated_heads: int, plain_heads: int) -> torch.Tensor:
-        """Per-head rotations for a fused q/k/v tensor: ``rotated_heads`` heads rotated by the
-        position's angles, then ``plain_heads`` heads by exactly 1 (the values).
+    def step(self, positions: torch.Tensor, max_position: int, rotated_heads: int, plain_heads: int) -> "RopeStep":
+        """Rotations of one step's positions in both forms the attention paths use.
 
-        Returns:
-            [T, rotated_heads + plain_heads, head_dim // 2] complex64.
+        ``qkv``: per head of a fused q/k/v tensor, ``rotated_heads`` heads rotated by the
+        position's angles, then ``plain_heads`` heads by exactly 1 (the values):
+        [T, rotated_heads + plain_heads, head_dim // 2] complex64. ``pairs``: (cos, sin) per
+        position, [T, head_dim // 2, 2] float32 (for the native decode kernel).
         """
         f = self(positions, max_position)  # [T, D/2]
         T, half = f.shape
         ones = torch.ones(T, plain_heads, half, dtype=f.dtype)
-        return torch.cat([f[:, None, :].expand(T, rotated_heads, half), ones], dim=1)
+        qkv = torch.cat([f[:, None, :].expand(T, rotated_heads, half), ones], dim=1)
+        return RopeStep(qkv=qkv, pairs=torch.view_as_real(f))
+
+
+@dataclass
+class RopeStep:
+    """RoPE rotations of one step (see ``RotaryEmbedding.step``)."""
+
+    qkv: torch.Tensor  # [T, H + 2 Hkv, D/2] complex64
+    pairs: torch.Tensor  # [T, D/2, 2] float32 (cos, sin)
 
 
 def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -355,7 +366,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor,
-        freqs_cis: torch.Tensor,
+        rope: RopeStep,
         attn_metadata: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
@@ -364,8 +375,7 @@ class Attention(nn.Module):
         Args:
             x: [T, d] normed hidden states.
             residual: [T, d] float32 residual stream.
-            freqs_cis: [T, H + 2 * Hkv, head_dim // 2] complex64 rotations of this step's
-                positions for q and k heads, 1 for v heads (``RotaryEmbedding.for_qkv``).
+            rope: this step's RoPE rotations (``RotaryEmbedding.step``).
             attn_metadata: batch layout (see ``AttentionMetadata``).
             kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] of this layer;
                 this step's keys and values are written into it.
@@ -375,10 +385,15 @@ class Attention(nn.Module):
         """
         T = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj.forward(x).float().view(T, H + 2 * Hkv, D)  # [T, H+2Hkv, D]
-        qkv = apply_rotary(qkv, freqs_cis)  # q, k rotated; v unchanged
-        kv = qkv[:, H:].view(T, 2, Hkv, D)  # [T, 2, Hkv, D]
-        out = paged_attention(qkv[:, :H], kv, kv_cache, attn_metadata, 1.0, self.kernels)  # [T, H, D]
+        qkv = self.qkv_proj.forward(x).float()  # [T, (H + 2Hkv) * D]
+        kernels = self.kernels
+        if kernels is not None and attn_metadata.decode_only and kernels.supports_decode(qkv, kv_cache):
+            md = attn_metadata  # native: RoPE + cache write + paged attention in one call
+            out = kernels.paged_decode(qkv, rope.pairs, kv_cache, md.slot_mapping, md.block_tables, md.seq_lens, H, 1.0)
+        else:
+            qkv = apply_rotary(qkv.view(T, H + 2 * Hkv, D), rope.qkv)  # q, k rotated; v unchanged
+            kv = qkv[:, H:].view(T, 2, Hkv, D)  # [T, 2, Hkv, D]
+            out = paged_attention(qkv[:, :H], kv, kv_cache, attn_metadata, 1.0)  # [T, H, D]
         return self.o_proj.forward_add(out.view(T, self.q_size), residual)
 
 
@@ -395,11 +410,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        freqs_cis: torch.Tensor,
+        rope: RopeStep,
         attn_metadata: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
         """x: [T, d] residual stream -> [T, d] residual stream after this layer."""
         # submodules are called through .forward: nn.Module.__call__ costs microseconds per call
-        x = self.self_attn.forward_add(self.input_layernorm.forward(x), x, freqs_cis, attn_metadata, kv_cache)
+        x = self.self_attn.forward_add(self.input_layernorm.forward(x), x, rope, attn_metadata, kv_cache)
         return self.mlp.forward_add(self.post_attention_layernorm.forward(x), x)

@@ -110,9 +110,9 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)  # [T, d]
         cfg = self.config
         H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        freqs_cis = self.rotary.for_qkv(positions, attn_metadata.max_seq_len, H + Hkv, Hkv)  # [T, H+2Hkv, D/2]
+        rope = self.rotary.step(positions, attn_metadata.max_seq_len, H + Hkv, Hkv)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer.forward(x, freqs_cis, attn_metadata, kv_cache)
+            x = layer.forward(x, rope, attn_metadata, kv_cache)
         return self.norm.forward(x)
 
     @torch.inference_mode()

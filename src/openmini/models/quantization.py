@@ -96,12 +96,14 @@ def resolve_dtype_mode(dtype_mode: str) -> tuple[str, torch.dtype]:
 # ----------------------------------------------------------------------------------------
 
 _NATIVE_SRC = r"""
-/* Weight-only int4/int8 matrix products for x86 AVX2 + FMA. y[M, N] = x[M, K] @ W[N, K]^T.
-   K is a multiple of 32 (one group). Activations are quantized per group of 32 to int16
-   (xq = round(x / dx), dx = max|x| / 32767); group dot products use vpmaddwd (int16 pairs ->
-   int32), then one float FMA per group with the weight scale times dx.
+/* Kernels for x86 AVX2 + FMA (no AVX512 needed).
+   Weight-only int4/int8 products y[M, N] (+)= x[M, K] @ W[N, K]^T, K a multiple of 32 (one
+   group). Activations are quantized per group of 32 to int16 (xq = round(x / dx),
+   dx = max|x| / 32767); group dot products use vpmaddwd (int16 pairs -> int32), then one
+   float FMA per group with the weight scale times dx.
    int4 layout: row n, group g = 16 bytes, byte j = q[32g + j] | q[32g + 16 + j] << 4,
-   w = s[n, g] * q + mn[n, g] (q in 0..15).  int8 layout: w = s[n, g] * q (q in -127..127). */
+   w = s[n, g] * q + mn[n, g] (q in 0..15).  int8 layout: w = s[n, g] * q (q in -127..127).
+   Also: RMSNorm, and decode attention over the paged KV cache with RoPE applied in place. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -115,22 +117,44 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* xq [M, K] int16, dx [M, G] scales, xs [M, G] group sums of the quantized x (times dx) */
+static inline int hsum8i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* xq [M, K] int16, dx [M, G] scales, xs [M, G] = dx * sum of the group's xq */
 static void quantize_x(const float* x, int M, int K, int16_t* xq, float* dx, float* xs) {
     const int G = K / 32;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int m = 0; m < M; m++) {
         for (int g = 0; g < G; g++) {
             const float* xr = x + (size_t)m * K + 32 * g;
             int16_t* qr = xq + (size_t)m * K + 32 * g;
-            float amax = 0.f;
-            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xr[j]));
-            const float d = amax / 32767.f, id = amax > 0.f ? 32767.f / amax : 0.f;
-            int sum = 0;
-            for (int j = 0; j < 32; j++) {
-                const int v = (int)lrintf(xr[j] * id);
-                qr[j] = (int16_t)v;
-                sum += v;
+            __m256 v[4];
+            __m256 amax = _mm256_setzero_ps();
+            for (int j = 0; j < 4; j++) {
+                v[j] = _mm256_loadu_ps(xr + 8 * j);
+                amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], absmask));
             }
+            __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+            a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
+            const float am = _mm_cvtss_f32(a4);
+            const float d = am / 32767.f, id = am > 0.f ? 32767.f / am : 0.f;
+            const __m256 vid = _mm256_set1_ps(id);
+            /* round to nearest even (as lrintf), pack to int16 keeping element order */
+            const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], vid));
+            const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], vid));
+            const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], vid));
+            const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], vid));
+            const __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+            const __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8);
+            _mm256_storeu_si256((__m256i*)qr, p01);
+            _mm256_storeu_si256((__m256i*)(qr + 16), p23);
+            const int sum = hsum8i(_mm256_add_epi32(_mm256_madd_epi16(p01, ones), _mm256_madd_epi16(p23, ones)));
             dx[(size_t)m * G + g] = d;
             xs[(size_t)m * G + g] = d * (float)sum;
         }
@@ -145,7 +169,61 @@ static int alloc_x(int M, int K, int16_t** xq, float** dx, float** xs) {
     return *xq && *dx && *xs;
 }
 
-int om_q4_gemm(const float* x, int M, int K, const uint8_t* qw, const float* s, const float* mn, int N, float* y) {
+/* One weight row against 1 or 4 activation rows; accumulators stay in registers.
+   int4 group g: w0 = low nibbles (k = 0..15), w1 = high nibbles (k = 16..31). */
+#define Q4_UNPACK(wr, g, w0, w1)                                                    \
+    const __m128i b_ = _mm_loadu_si128((const __m128i*)((wr) + 16 * (g)));          \
+    const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b_, low4));               \
+    const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b_, 4), low4))
+#define Q8_UNPACK(wr, g, w0, w1)                                                         \
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)((wr) + 32 * (g))));  \
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)((wr) + 32 * (g) + 16)))
+#define GROUP_DOT(w0, w1, xr) \
+    _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(xr))), \
+                                        _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)((xr) + 16)))))
+
+/* sum_g sr[g] * dx[g] * dot_g for one activation row; two accumulators break the FMA chain */
+#define ROW1_LOOP(UNPACK)                                                               \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                          \
+    int g = 0;                                                                          \
+    for (; g + 2 <= G; g += 2) {                                                        \
+        { UNPACK(wr, g, w0, w1);                                                        \
+          a0 = _mm256_fmadd_ps(_mm256_set1_ps(sr[g] * dx0[g]), GROUP_DOT(w0, w1, x0 + 32 * g), a0); } \
+        { UNPACK(wr, g + 1, w0, w1);                                                    \
+          a1 = _mm256_fmadd_ps(_mm256_set1_ps(sr[g + 1] * dx0[g + 1]), GROUP_DOT(w0, w1, x0 + 32 * (g + 1)), a1); } \
+    }                                                                                   \
+    for (; g < G; g++) {                                                                \
+        UNPACK(wr, g, w0, w1);                                                          \
+        a0 = _mm256_fmadd_ps(_mm256_set1_ps(sr[g] * dx0[g]), GROUP_DOT(w0, w1, x0 + 32 * g), a0); \
+    }                                                                                   \
+    const float dot = hsum8(_mm256_add_ps(a0, a1))
+
+#define ROW4_LOOP(UNPACK)                                                               \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                          \
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();                          \
+    for (int g = 0; g < G; g++) {                                                       \
+        UNPACK(wr, g, w0, w1);                                                          \
+        const __m256 sg = _mm256_set1_ps(sr[g]);                                        \
+        a0 = _mm256_fmadd_ps(_mm256_mul_ps(sg, _mm256_broadcast_ss(dx0 + g)), GROUP_DOT(w0, w1, x0 + 32 * g), a0); \
+        a1 = _mm256_fmadd_ps(_mm256_mul_ps(sg, _mm256_broadcast_ss(dx1 + g)), GROUP_DOT(w0, w1, x1 + 32 * g), a1); \
+        a2 = _mm256_fmadd_ps(_mm256_mul_ps(sg, _mm256_broadcast_ss(dx2 + g)), GROUP_DOT(w0, w1, x2 + 32 * g), a2); \
+        a3 = _mm256_fmadd_ps(_mm256_mul_ps(sg, _mm256_broadcast_ss(dx3 + g)), GROUP_DOT(w0, w1, x3 + 32 * g), a3); \
+    }
+
+static inline float dot8(const float* a, const float* b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float r = hsum8(acc);
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+static inline void put(float* y, float v, int accumulate) { *y = accumulate ? *y + v : v; }
+
+/* accumulate: 0 -> y = x W^T, 1 -> y += x W^T */
+int om_q4_gemm(const float* x, int M, int K, const uint8_t* qw, const float* s, const float* mn, int N, float* y,
+               int accumulate) {
     const int G = K / 32;
     int16_t* xq; float* dx; float* xs;
     if (!alloc_x(M, K, &xq, &dx, &xs)) { free(xq); free(dx); free(xs); return 1; }
@@ -156,35 +234,29 @@ int om_q4_gemm(const float* x, int M, int K, const uint8_t* qw, const float* s, 
         const uint8_t* wr = qw + (size_t)n * (K / 2);
         const float* sr = s + (size_t)n * G;
         const float* mr = mn + (size_t)n * G;
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            const int mb = M - m0 < 4 ? M - m0 : 4;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int g = 0; g < G; g++) {
-                const __m128i b = _mm_loadu_si128((const __m128i*)(wr + 16 * g));
-                const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b, low4));
-                const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low4));
-                for (int i = 0; i < mb; i++) {
-                    const int16_t* xr = xq + (size_t)(m0 + i) * K + 32 * g;
-                    const __m256i p = _mm256_add_epi32(
-                        _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)xr)),
-                        _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xr + 16))));
-                    const __m256 f = _mm256_set1_ps(sr[g] * dx[(size_t)(m0 + i) * G + g]);
-                    acc[i] = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(p), acc[i]);
-                }
-            }
-            for (int i = 0; i < mb; i++) {
-                const float* xsr = xs + (size_t)(m0 + i) * G;
-                float z = 0.f;
-                for (int g = 0; g < G; g++) z += mr[g] * xsr[g];
-                y[(size_t)(m0 + i) * N + n] = hsum8(acc[i]) + z;
-            }
+        int m = 0;
+        for (; m + 4 <= M; m += 4) {
+            const int16_t *x0 = xq + (size_t)m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+            const float *dx0 = dx + (size_t)m * G, *dx1 = dx0 + G, *dx2 = dx1 + G, *dx3 = dx2 + G;
+            ROW4_LOOP(Q4_UNPACK)
+            const float* xs0 = xs + (size_t)m * G;
+            put(y + (size_t)m * N + n, hsum8(a0) + dot8(mr, xs0, G), accumulate);
+            put(y + (size_t)(m + 1) * N + n, hsum8(a1) + dot8(mr, xs0 + G, G), accumulate);
+            put(y + (size_t)(m + 2) * N + n, hsum8(a2) + dot8(mr, xs0 + 2 * G, G), accumulate);
+            put(y + (size_t)(m + 3) * N + n, hsum8(a3) + dot8(mr, xs0 + 3 * G, G), accumulate);
+        }
+        for (; m < M; m++) {
+            const int16_t* x0 = xq + (size_t)m * K;
+            const float* dx0 = dx + (size_t)m * G;
+            ROW1_LOOP(Q4_UNPACK);
+            put(y + (size_t)m * N + n, dot + dot8(mr, xs + (size_t)m * G, G), accumulate);
         }
     }
     free(xq); free(dx); free(xs);
     return 0;
 }
 
-int om_q8_gemm(const float* x, int M, int K, const int8_t* qw, const float* s, int N, float* y) {
+int om_q8_gemm(const float* x, int M, int K, const int8_t* qw, const float* s, int N, float* y, int accumulate) {
     const int G = K / 32;
     int16_t* xq; float* dx; float* xs;
     if (!alloc_x(M, K, &xq, &dx, &xs)) { free(xq); free(dx); free(xs); return 1; }
@@ -193,22 +265,21 @@ int om_q8_gemm(const float* x, int M, int K, const int8_t* qw, const float* s, i
     for (int n = 0; n < N; n++) {
         const int8_t* wr = qw + (size_t)n * K;
         const float* sr = s + (size_t)n * G;
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            const int mb = M - m0 < 4 ? M - m0 : 4;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int g = 0; g < G; g++) {
-                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr + 32 * g)));
-                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr + 32 * g + 16)));
-                for (int i = 0; i < mb; i++) {
-                    const int16_t* xr = xq + (size_t)(m0 + i) * K + 32 * g;
-                    const __m256i p = _mm256_add_epi32(
-                        _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)xr)),
-                        _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xr + 16))));
-                    const __m256 f = _mm256_set1_ps(sr[g] * dx[(size_t)(m0 + i) * G + g]);
-                    acc[i] = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(p), acc[i]);
-                }
-            }
-            for (int i = 0; i < mb; i++) y[(size_t)(m0 + i) * N + n] = hsum8(acc[i]);
+        int m = 0;
+        for (; m + 4 <= M; m += 4) {
+            const int16_t *x0 = xq + (size_t)m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+            const float *dx0 = dx + (size_t)m * G, *dx1 = dx0 + G, *dx2 = dx1 + G, *dx3 = dx2 + G;
+            ROW4_LOOP(Q8_UNPACK)
+            put(y + (size_t)m * N + n, hsum8(a0), accumulate);
+            put(y + (size_t)(m + 1) * N + n, hsum8(a1), accumulate);
+            put(y + (size_t)(m + 2) * N + n, hsum8(a2), accumulate);
+            put(y + (size_t)(m + 3) * N + n, hsum8(a3), accumulate);
+        }
+        for (; m < M; m++) {
+            const int16_t* x0 = xq + (size_t)m * K;
+            const float* dx0 = dx + (size_t)m * G;
+            ROW1_LOOP(Q8_UNPACK);
+            put(y + (size_t)m * N + n, dot, accumulate);
         }
     }
     free(xq); free(dx); free(xs);
@@ -231,6 +302,14 @@ void om_q4_dequant(const uint8_t* qw, const float* s, const float* mn, int N, in
     }
 }
 
+void om_q8_dequant(const int8_t* qw, const float* s, int N, int K, float* w) {
+    const int G = K / 32;
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        for (int k = 0; k < K; k++) w[(size_t)n * K + k] = s[(size_t)n * G + k / 32] * (float)qw[(size_t)n * K + k];
+    }
+}
+
 /* RMSNorm (Zhang & Sennrich 2019), HF formula: y = w * x / sqrt(mean(x^2) + eps); x, y [M, K]. */
 void om_rms_norm(const float* x, const float* w, float eps, int M, int K, float* y) {
     for (int m = 0; m < M; m++) {
@@ -246,59 +325,78 @@ void om_rms_norm(const float* x, const float* w, float eps, int M, int K, float*
     }
 }
 
-/* Decode attention over a paged KV cache, one new token per sequence, float32 cache
-   [2, NB, BS, Hkv, D]. Writes this step's k/v (row b of kv: [2, Hkv, D] at kv + b * kv_stride)
-   at slots [B], then for every query head: softmax(scale * q . K^T) V over the sequence's
-   seq_lens[b] tokens, found through block_tables [B, MB]. Row b of q ([H, D]) starts at
-   q + b * q_stride; out [B, H, D]. D % 8 == 0, D <= 256. */
-int om_paged_decode(const float* q, int64_t q_stride, const float* kv, int64_t kv_stride, const int64_t* slots,
-                    float* cache, int64_t num_blocks, int bs, const int64_t* block_tables, int max_blocks,
+/* rotate interleaved pairs of one head: (x0, x1) -> (x0 c - x1 s, x0 s + x1 c) */
+static inline void rope_head(const float* x, const float* cs, int D, float* o) {
+    for (int i = 0; i < D / 2; i++) {
+        const float a = x[2 * i], b = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+        o[2 * i] = a * c - b * s;
+        o[2 * i + 1] = a * s + b * c;
+    }
+}
+
+/* Decode step of attention over a paged float32 KV cache [2, NB, BS, Hkv, D]: one new token
+   per sequence. Row b of qkv (at qkv + b * qkv_stride) holds q [H, D], k [Hkv, D], v [Hkv, D]
+   before RoPE; rope [B, D/2, 2] holds (cos, sin) of each token's position. Rotates q and k,
+   writes k and v at slots[b], then for every query head computes softmax(scale q.K^T) V over
+   the sequence's seq_lens[b] tokens, located through block_tables [B, MB]. out [B, H, D].
+   D % 8 == 0, D <= 256. Returns nonzero when a buffer could not be allocated. */
+int om_paged_decode(const float* qkv, int64_t qkv_stride, const float* rope, const int64_t* slots, float* cache,
+                    int64_t num_blocks, int bs, const int64_t* block_tables, int max_blocks,
                     const int64_t* seq_lens, int B, int H, int Hkv, int D, float scale, float* out) {
     const size_t row = (size_t)Hkv * D, plane = (size_t)num_blocks * bs * row;
+    float* qr = (float*)malloc(sizeof(float) * (size_t)B * H * D);
+    if (!qr) return 1;
     for (int b = 0; b < B; b++) {
-        memcpy(cache + (size_t)slots[b] * row, kv + (size_t)b * kv_stride, sizeof(float) * row);
-        memcpy(cache + plane + (size_t)slots[b] * row, kv + (size_t)b * kv_stride + row, sizeof(float) * row);
+        const float* src = qkv + (size_t)b * qkv_stride;
+        const float* cs = rope + (size_t)b * D;
+        for (int h = 0; h < H; h++) rope_head(src + (size_t)h * D, cs, D, qr + ((size_t)b * H + h) * D);
+        float* kdst = cache + (size_t)slots[b] * row;
+        for (int h = 0; h < Hkv; h++) rope_head(src + (size_t)(H + h) * D, cs, D, kdst + (size_t)h * D);
+        memcpy(cache + plane + (size_t)slots[b] * row, src + (size_t)(H + Hkv) * D, sizeof(float) * row);
     }
-    const int G = H / Hkv;
+    const int G = H / Hkv, nd = D / 8;
     int failed = 0;
     #pragma omp parallel for schedule(dynamic, 1)
     for (int bh = 0; bh < B * H; bh++) {
-        const int b = bh / H, hq = bh % H, h = hq / G;
+        const int b = bh / H, h = (bh % H) / G;
         const int64_t S = seq_lens[b];
         const int64_t* bt = block_tables + (size_t)b * max_blocks;
-        const float* qr = q + (size_t)b * q_stride + (size_t)hq * D;
         float* sc = (float*)malloc(sizeof(float) * (size_t)S);
         if (!sc) { failed = 1; continue; }
+        __m256 q8[32];
+        for (int d = 0; d < nd; d++) q8[d] = _mm256_loadu_ps(qr + (size_t)bh * D + 8 * d);
         float mx = -INFINITY;
-        for (int64_t t = 0; t < S; t++) {
-            const float* kr = cache + ((size_t)bt[t / bs] * bs + (size_t)(t % bs)) * row + (size_t)h * D;
-            __m256 acc = _mm256_setzero_ps();
-            for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), acc);
-            sc[t] = scale * hsum8(acc);
-            mx = fmaxf(mx, sc[t]);
+        for (int64_t t0 = 0, j = 0; t0 < S; t0 += bs, j++) {
+            const int n = S - t0 < bs ? (int)(S - t0) : bs;
+            const float* kb = cache + (size_t)bt[j] * bs * row + (size_t)h * D;
+            for (int o = 0; o < n; o++) {
+                const float* kr = kb + (size_t)o * row;
+                __m256 acc = _mm256_mul_ps(q8[0], _mm256_loadu_ps(kr));
+                for (int d = 1; d < nd; d++) acc = _mm256_fmadd_ps(q8[d], _mm256_loadu_ps(kr + 8 * d), acc);
+                const float v = scale * hsum8(acc);
+                sc[t0 + o] = v;
+                mx = v > mx ? v : mx;
+            }
         }
         float sum = 0.f;
         for (int64_t t = 0; t < S; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-        __m256 o[32];
-        for (int d = 0; d < D / 8; d++) o[d] = _mm256_setzero_ps();
-        for (int64_t t = 0; t < S; t++) {
-            const float* vr = cache + plane + ((size_t)bt[t / bs] * bs + (size_t)(t % bs)) * row + (size_t)h * D;
-            const __m256 p = _mm256_set1_ps(sc[t]);
-            for (int d = 0; d < D / 8; d++) o[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * d), o[d]);
+        __m256 o8[32];
+        for (int d = 0; d < nd; d++) o8[d] = _mm256_setzero_ps();
+        for (int64_t t0 = 0, j = 0; t0 < S; t0 += bs, j++) {
+            const int n = S - t0 < bs ? (int)(S - t0) : bs;
+            const float* vb = cache + plane + (size_t)bt[j] * bs * row + (size_t)h * D;
+            for (int o = 0; o < n; o++) {
+                const float* vr = vb + (size_t)o * row;
+                const __m256 p = _mm256_set1_ps(sc[t0 + o]);
+                for (int d = 0; d < nd; d++) o8[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * d), o8[d]);
+            }
         }
         const __m256 inv = _mm256_set1_ps(1.0f / sum);
-        for (int d = 0; d < D / 8; d++) _mm256_storeu_ps(out + (size_t)bh * D + 8 * d, _mm256_mul_ps(o[d], inv));
+        for (int d = 0; d < nd; d++) _mm256_storeu_ps(out + (size_t)bh * D + 8 * d, _mm256_mul_ps(o8[d], inv));
         free(sc);
     }
+    free(qr);
     return failed;
-}
-
-void om_q8_dequant(const int8_t* qw, const float* s, int N, int K, float* w) {
-    const int G = K / 32;
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        for (int k = 0; k < K; k++) w[(size_t)n * K + k] = s[(size_t)n * G + k / 32] * (float)qw[(size_t)n * K + k];
-    }
 }
 """
 
@@ -316,10 +414,10 @@ class NativeKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i = ctypes.c_void_p, ctypes.c_int
         self.q4_gemm = lib.om_q4_gemm
-        self.q4_gemm.argtypes = [p, i, i, p, p, p, i, p]
+        self.q4_gemm.argtypes = [p, i, i, p, p, p, i, p, i]
         self.q4_gemm.restype = ctypes.c_int
         self.q8_gemm = lib.om_q8_gemm
-        self.q8_gemm.argtypes = [p, i, i, p, p, i, p]
+        self.q8_gemm.argtypes = [p, i, i, p, p, i, p, i]
         self.q8_gemm.restype = ctypes.c_int
         self.q4_dequant = lib.om_q4_dequant
         self.q4_dequant.argtypes = [p, p, p, i, i, p]
@@ -332,7 +430,7 @@ class NativeKernels:
         self.rms_norm_fn.restype = None
         self.paged_decode_fn = lib.om_paged_decode
         i64 = ctypes.c_int64
-        self.paged_decode_fn.argtypes = [p, i64, p, i64, p, p, i64, i, p, i, p, i, i, i, i, ctypes.c_float, p]
+        self.paged_decode_fn.argtypes = [p, i64, p, p, p, i64, i, p, i, p, i, i, i, i, ctypes.c_float, p]
         self.paged_decode_fn.restype = ctypes.c_int
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -343,39 +441,55 @@ class NativeKernels:
 
     def paged_decode(
         self,
-        q: torch.Tensor,
-        kv: torch.Tensor,
+        qkv: torch.Tensor,
+        rope: torch.Tensor,
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
+        num_heads: int,
         scale: float,
     ) -> torch.Tensor:
-        """Write decode K/V and attend, every sequence decoding one token.
+        """RoPE, K/V write and attention of a step where every sequence decodes one token.
 
         Args:
-            q: [B, H, D] float32 queries; rows may be strided, heads contiguous.
-            kv: [B, 2, Hkv, D] float32 new keys and values; rows may be strided.
+            qkv: [B, (H + 2 Hkv) * D] float32 projections before RoPE, q/k rows in the
+                interleaved pair layout; rows may be strided, each row contiguous.
+            rope: [B, D/2, 2] float32 (cos, sin) of each token's position (contiguous).
             kv_cache: [2, num_blocks, block_size, Hkv, D] float32 contiguous, updated in place.
             slot_mapping: [B] int64; block_tables: [B, max_blocks] int64; seq_lens: [B] int64.
+            num_heads: H.
             scale: softmax scale.
 
         Returns:
             [B, H, D] float32.
 
         Raises:
-            MemoryError: the kernel could not allocate its score buffer.
+            MemoryError: the kernel could not allocate a buffer.
         """
-        B, H, D = q.shape
-        _, num_blocks, bs, Hkv, _ = kv_cache.shape
-        out = torch.empty(B, H, D)
+        B = qkv.shape[0]
+        _, num_blocks, bs, Hkv, D = kv_cache.shape
+        out = torch.empty(B, num_heads, D)
         status = self.paged_decode_fn(
-            q.data_ptr(), q.stride(0), kv.data_ptr(), kv.stride(0), slot_mapping.data_ptr(), kv_cache.data_ptr(),
-            num_blocks, bs, block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), B, H, Hkv, D,
-            scale, out.data_ptr(),
+            qkv.data_ptr(), qkv.stride(0), rope.data_ptr(), slot_mapping.data_ptr(), kv_cache.data_ptr(),
+            num_blocks, bs, block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), B, num_heads,
+            Hkv, D, scale, out.data_ptr(),
         )
         _check_status(status)
         return out
+
+    @staticmethod
+    def supports_decode(qkv: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether ``paged_decode`` takes these tensors (float32, contiguous rows, D % 8 == 0)."""
+        D = kv_cache.shape[-1]
+        return (
+            kv_cache.dtype == torch.float32
+            and qkv.dtype == torch.float32
+            and D % 8 == 0
+            and D <= 256
+            and qkv.stride(1) == 1
+            and kv_cache.is_contiguous()
+        )
 
     @classmethod
     def load(cls) -> "NativeKernels | None":
@@ -402,22 +516,6 @@ class NativeKernels:
             return cls(ctypes.CDLL(str(path)))
         except (OSError, subprocess.SubprocessError):
             return None
-
-    @staticmethod
-    def supports_decode(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-        """Whether ``paged_decode`` takes these tensors (float32, unit strides inside a row)."""
-        D = q.shape[2]
-        return (
-            kv_cache.dtype == torch.float32
-            and q.dtype == torch.float32
-            and kv.dtype == torch.float32
-            and D % 8 == 0
-            and D <= 256
-            and kv_cache.is_contiguous()
-            and q.stride(2) == 1
-            and q.stride(1) == D
-            and kv[0].is_contiguous()
-        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -497,18 +595,22 @@ class Int8Linear(nn.Module):
         if self.kernels is None:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
             return _bias_add(y, self.bias)
+        return self._native(x, torch.empty(M, self.out_features), 0)
+
+    def _native(self, x: torch.Tensor, y: torch.Tensor, accumulate: int) -> torch.Tensor:
         x = x.float().contiguous()
-        y = torch.empty(M, self.out_features)
         _check_status(
             self.kernels.q8_gemm(
-                x.data_ptr(), M, self.in_features, self.weight.data_ptr(), self.scales.data_ptr(),
-                self.out_features, y.data_ptr(),
+                x.data_ptr(), x.shape[0], self.in_features, self.weight.data_ptr(), self.scales.data_ptr(),
+                self.out_features, y.data_ptr(), accumulate,
             )
         )
         return y if self.bias is None else y.add_(self.bias)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual += self(x)`` in place; returns residual [T, out] float32."""
+        """``residual += self(x)`` in place; returns residual [T, out] float32 (contiguous)."""
+        if self.kernels is not None and x.shape[0] <= GEMM_MIN_ROWS and residual.is_contiguous():
+            return self._native(x, residual, 1)
         return residual.add_(self.forward(x))
 
 
@@ -561,18 +663,22 @@ class Int4Linear(nn.Module):
         if self.kernels is None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, GROUP, self.scales_zeros)
             return _bias_add(y, self.bias)
+        return self._native(x, torch.empty(M, self.out_features), 0)
+
+    def _native(self, x: torch.Tensor, y: torch.Tensor, accumulate: int) -> torch.Tensor:
         x = x.float().contiguous()
-        y = torch.empty(M, self.out_features)
         _check_status(
             self.kernels.q4_gemm(
-                x.data_ptr(), M, self.in_features, self.weight.data_ptr(), self.scales.data_ptr(),
-                self.mins.data_ptr(), self.out_features, y.data_ptr(),
+                x.data_ptr(), x.shape[0], self.in_features, self.weight.data_ptr(), self.scales.data_ptr(),
+                self.mins.data_ptr(), self.out_features, y.data_ptr(), accumulate,
             )
         )
         return y if self.bias is None else y.add_(self.bias)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual += self(x)`` in place; returns residual [T, out] float32."""
+        """``residual += self(x)`` in place; returns residual [T, out] float32 (contiguous)."""
+        if self.kernels is not None and x.shape[0] <= GEMM_MIN_ROWS and residual.is_contiguous():
+            return self._native(x, residual, 1)
         return residual.add_(self.forward(x))
 
 
