@@ -5,11 +5,14 @@ Two measurements on a real model (default: the embedded SmolLM2-135M; ``--model`
 1. Engine steps: B sequences decoding together (B = 1 and 8), median wall time of one decode
    step (``Engine.step()``) with no grammar, with a grammar that allows any text (the same
    tokens as unconstrained, so the difference is pure grammar overhead: mask fill, mask
-   expansion, masking in the sampler, token acceptance), and with a JSON schema grammar.
-2. Grammar operations alone, per token, along a JSON output: fill the bitmask
-   (llguidance), expand it to a bool mask, apply it to a row of logits, accept the token.
+   expansion, masking in the sampler, token acceptance), and with a JSON schema grammar;
+   the three modes run interleaved for ``--rounds`` rounds, medians reported.
+2. Grammar operations alone, per token, along a JSON output (one torch thread): fill the
+   bitmask (llguidance), expand it to a bool mask, apply it to a row of logits (clone
+   included), accept the token.
 
-Usage: ``python bench/bench_grammar.py [--model NAME|PATH] [--steps 48] [--threads 2]``.
+Usage: ``python bench/bench_grammar.py [--model NAME|PATH] [--steps 16] [--rounds 5]
+[--threads 2]``.
 Prints Markdown tables (docs/structured_outputs.md quotes them).
 """
 
@@ -70,7 +73,17 @@ def decode_step_ms(llm: LLM, batch: int, steps: int, spec: StructuredOutputSpec 
 
 
 def grammar_ops_us(llm: LLM, tokens: int = 200) -> dict[str, float]:
-    """Median µs per token of each grammar operation along a greedy JSON output."""
+    """Median µs per token of each grammar operation along a random JSON output, with one
+    torch thread (the work of one sequence; small multi-threaded ops only add sync cost)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _grammar_ops_us(llm, tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _grammar_ops_us(llm: LLM, tokens: int) -> dict[str, float]:
     engine = llm.engine
     backend = engine.structured
     m = backend.new_matcher(JSON_SPEC)
@@ -109,7 +122,8 @@ def grammar_ops_us(llm: LLM, tokens: int = 200) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
@@ -123,13 +137,16 @@ def main() -> None:
     print("|---|---|---|---|")
     for batch in (1, 8):
         decode_step_ms(llm, batch, 4, None)  # warm-up
-        base = decode_step_ms(llm, batch, args.steps, None)
-        free = decode_step_ms(llm, batch, args.steps, FREE_TEXT)
-        js = decode_step_ms(llm, batch, args.steps, JSON_SPEC)
+        runs: dict[str, list[float]] = {"base": [], "free": [], "json": []}
+        for _ in range(args.rounds):  # interleaved, so load changes hit every mode alike
+            runs["base"].append(decode_step_ms(llm, batch, args.steps, None))
+            runs["free"].append(decode_step_ms(llm, batch, args.steps, FREE_TEXT))
+            runs["json"].append(decode_step_ms(llm, batch, args.steps, JSON_SPEC))
+        base, free, js = (statistics.median(runs[k]) for k in ("base", "free", "json"))
         print(f"| {batch} | {base:.2f} | {free:.2f} ({100 * (free / base - 1):+.1f}%) | "
               f"{js:.2f} ({100 * (js / base - 1):+.1f}%) |")
-    ops = grammar_ops_us(llm)
-    print("\n| grammar operation (one sequence, one token) | µs |")
+    ops = grammar_ops_us(llm, 400)
+    print("\n| grammar operation (one sequence, one token, 1 thread) | µs |")
     print("|---|---|")
     for name, us in ops.items():
         print(f"| {name} | {us:.0f} |")

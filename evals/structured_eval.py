@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
+import re
 import sys
 import time
 from typing import Any
@@ -299,8 +301,20 @@ async def _run_all(service: ChatCompletionService, bodies: list[dict[str, Any]]
     return await asyncio.gather(*(one(b) for b in bodies))
 
 
+_DATE_TIME = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+"""RFC 3339 section 5.6 ``date-time`` (jsonschema checks it only with an extra package)."""
+_TIME = re.compile(r"^\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+"""RFC 3339 ``full-time`` (the same)."""
+
+
 def _validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    """Draft 2020-12 with its format checks (``FormatChecker()`` without a draft would mix
+    in draft 3's ``time``, which rejects RFC 3339 offsets) plus ``date-time`` and ``time``."""
+    checker = copy.deepcopy(jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    checker.checks("date-time")(lambda s: not isinstance(s, str) or bool(_DATE_TIME.match(s)))
+    checker.checks("time")(lambda s: not isinstance(s, str) or bool(_TIME.match(s)))
+    return jsonschema.Draft202012Validator(schema, format_checker=checker)
 
 
 def eval_schemas(service, model: str, max_tokens: int, limit: int | None) -> dict[str, Any]:
@@ -388,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N items only (smoke run)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", choices=("schemas", "tools"), default=None)
     args = ap.parse_args(argv)
 
     from openmini.engine.async_engine import AsyncEngine
@@ -397,14 +412,28 @@ def main(argv: list[str] | None = None) -> int:
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096)))
     service = ChatCompletionService(engine, "eval", "fp_eval")
     t0 = time.time()
-    schemas = eval_schemas(service, "eval", args.max_tokens, args.limit)
+    schemas = tools = None
+    if args.only != "tools":
+        schemas = eval_schemas(service, "eval", args.max_tokens, args.limit)
     t1 = time.time()
-    tools = eval_tools(service, "eval", args.tool_max_tokens, args.limit)
+    if args.only != "schemas":
+        tools = eval_tools(service, "eval", args.tool_max_tokens, args.limit)
     t2 = time.time()
     engine.shutdown()
 
     print(f"## {args.model}\n")
-    print(f"JSON schemas (strict, greedy, max_tokens {args.max_tokens}, {t1 - t0:.0f} s): "
+    if schemas is not None:
+        _print_schemas(schemas, args.max_tokens, t1 - t0)
+    if tools is not None:
+        _print_tools(tools, args.tool_max_tokens, t2 - t1)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "schemas": schemas, "tools": tools}, f, indent=2)
+    return 0
+
+
+def _print_schemas(schemas: dict[str, Any], max_tokens: int, seconds: float) -> None:
+    print(f"JSON schemas (strict, greedy, max_tokens {max_tokens}, {seconds:.0f} s): "
           f"{schemas['valid']}/{schemas['schemas']} valid ({schemas['valid_pct']:.1f}%), "
           f"{schemas['cut_off']} cut off by max_tokens, "
           f"{schemas['valid_of_finished_pct']:.1f}% of finished outputs valid\n")
@@ -412,8 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- invalid: {name}: {why}")
     if schemas["cut_off_tails"]:
         print("\nCut off by max_tokens: " + ", ".join(n for n, _ in schemas["cut_off_tails"]))
-    print(f"\nTool calling ({tools['prompts']} prompts, max_tokens {args.tool_max_tokens}, "
-          f"{t2 - t1:.0f} s):\n")
+
+
+def _print_tools(tools: dict[str, Any], max_tokens: int, seconds: float) -> None:
+    print(f"\nTool calling ({tools['prompts']} prompts, max_tokens {max_tokens}, "
+          f"{seconds:.0f} s):\n")
     print("| mode | answers with a call | calls valid (listed tool, schema-valid args) | "
           "complete calls valid | expected tool called | cut off by max_tokens |")
     print("|---|---|---|---|---|---|")
@@ -422,10 +454,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {mode} | {m['with_call_pct']:.1f}% | {m['valid_calls_pct']:.1f}% "
               f"({m['calls']} calls) | {m['valid_complete_calls_pct']:.1f}% "
               f"({m['complete_calls']}) | {m['expected_tool_pct']:.1f}% | {m['cut_off']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "schemas": schemas, "tools": tools}, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

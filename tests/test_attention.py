@@ -36,7 +36,7 @@ def _run_case(seed: int, kinds: list[str], block_size: int, cache_dtype: torch.d
     """
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    num_blocks = 640 // block_size + 16  # room for six sequences of <= 72 tokens
+    num_blocks = (sum(701 if k == "long_decode" else 72 for k in kinds) + 16) // block_size + 16
     free = list(range(num_blocks))
     rng.shuffle(free)
     cache = torch.randn(2, num_blocks, block_size, HKV, D, generator=g).to(cache_dtype)  # garbage
@@ -46,6 +46,8 @@ def _run_case(seed: int, kinds: list[str], block_size: int, cache_dtype: torch.d
             cached, q_len = 0, rng.randint(2, 30)
         elif kind == "chunk":
             cached, q_len = rng.randint(1, 40), rng.randint(2, 20)
+        elif kind == "long_decode":  # long enough for the native kernel to split the context
+            cached, q_len = rng.randint(300, 700), 1
         else:  # decode
             cached, q_len = rng.randint(0, 50), 1
         S = cached + q_len
@@ -134,17 +136,19 @@ def test_metadata_rejects_bad_layouts(args, match):
         AttentionMetadata.build(*args)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("num_seqs", [1, 2, 7])
-def test_native_paged_decode_matches_sdpa(num_seqs, block_size):
+def test_native_paged_decode_matches_sdpa(num_seqs, block_size, cache_dtype):
     """The fused AVX2 RoPE + cache write + decode kernel against RoPE + SDPA in torch."""
     kernels = NativeKernels.load()
     if kernels is None:
         pytest.skip("native kernels unavailable (no AVX2/FMA or no C compiler)")
+    exact = cache_dtype == torch.float32
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         # reference run: keys/values and queries as they are after RoPE
-        _, ref, cache, md, q_rot, k_rot, v_new = _run_case(seed, ["decode"] * num_seqs, block_size, torch.float32)
+        _, ref, cache, md, q_rot, k_rot, v_new = _run_case(seed, ["decode"] * num_seqs, block_size, cache_dtype)
         assert md.decode_only
         # undo what the reference step wrote, then let the kernel rotate and write
         flat = cache.view(2, -1, HKV, D)
@@ -159,6 +163,26 @@ def test_native_paged_decode_matches_sdpa(num_seqs, block_size):
         out = kernels.paged_decode(
             qkv, torch.view_as_real(rot).contiguous(), cache, md.slot_mapping, md.block_tables, md.seq_lens, H, D**-0.5
         )
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(flat[0, md.slot_mapping], k_rot, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(flat[1, md.slot_mapping], v_new, atol=0, rtol=0)
+        # bf16: the kernel rounds its own rotation of k, which may differ by one bf16 step
+        tol = 1e-5 if exact else 1e-2
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(flat[0, md.slot_mapping].float(), k_rot, atol=1e-6 if exact else 1e-2, rtol=tol)
+        torch.testing.assert_close(flat[1, md.slot_mapping], v_new.to(cache_dtype), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kinds", [["long_decode"], ["long_decode", "decode", "long_decode"]])
+def test_native_paged_decode_long_context(kinds, cache_dtype):
+    """Contexts of hundreds of tokens: the kernel splits them across threads and merges."""
+    kernels = NativeKernels.load()
+    if kernels is None:
+        pytest.skip("native kernels unavailable (no AVX2/FMA or no C compiler)")
+    _, ref, cache, md, q, k, v = _run_case(3, kinds, 16, cache_dtype)
+    flat = cache.view(2, -1, HKV, D)
+    flat[:, md.slot_mapping] = 0
+    identity = torch.zeros(len(kinds), D // 2, 2)
+    identity[..., 0] = 1.0  # cos 1, sin 0: no rotation
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    out = kernels.paged_decode(qkv, identity, cache, md.slot_mapping, md.block_tables, md.seq_lens, H, D**-0.5)
+    tol = 1e-5 if cache_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

@@ -168,3 +168,56 @@ def test_c20_concurrency_isolation(server, client):
         return [r.choices[0].message.content for r in rs]
 
     assert asyncio.run(together()) == alone
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (Prometheus text format)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_64_concurrent_streams_complete_unmixed_and_show_in_metrics(server, client, http):
+    """C20 extended: 64 streaming clients at once; each stream is whole, carries one id, and
+    equals the same prompt sent alone; /metrics counts them and ends with nothing running."""
+    prompts = [f"Repeat this number: {1000 + i}" for i in range(64)]
+    kw = dict(model=MODEL, temperature=0, max_tokens=6)
+    before = httpx.get(server.root + "/metrics").text
+
+    async def stream_all() -> list[str]:
+        ac = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0,
+                                _strict_response_validation=True, timeout=600)
+
+        async def one(p: str) -> str:
+            ids, parts, finish = set(), [], None
+            stream = await ac.chat.completions.create(messages=user(p), stream=True, **kw)
+            async for chunk in stream:
+                ids.add(chunk.id)
+                for ch in chunk.choices:
+                    assert ch.index == 0
+                    parts.append(ch.delta.content or "")
+                    finish = ch.finish_reason or finish
+            assert len(ids) == 1 and finish in ("stop", "length")
+            return "".join(parts)
+
+        out = await asyncio.gather(*(one(p) for p in prompts))
+        await ac.close()
+        return out
+
+    together = asyncio.run(stream_all())
+    assert len(together) == 64 and all(together)
+    for i in (0, 21, 42, 63):  # spot-check against the same prompt sent alone
+        alone = client.chat.completions.create(messages=user(prompts[i]), **kw)
+        assert together[i] == alone.choices[0].message.content
+    after = httpx.get(server.root + "/metrics").text
+    grew = _metric(after, "openmini_requests_total", status="200") - \
+        _metric(before, "openmini_requests_total", status="200")
+    assert grew >= 64 + 4
+    assert _metric(after, "openmini_running_sequences") == 0
+    assert _metric(after, "openmini_time_to_first_token_seconds_count") > \
+        _metric(before, "openmini_time_to_first_token_seconds_count")

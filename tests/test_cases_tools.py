@@ -35,7 +35,7 @@ WEATHER = {"type": "function", "function": {
 CLOCK = {"type": "function", "function": {
     "name": "get_time", "description": "Current time in a timezone.",
     "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 6}},
-                   "required": ["tz"]}}}
+                   "required": ["tz"], "additionalProperties": False}}}
 WRITE = {"type": "function", "function": {
     "name": "write_file", "strict": True,
     "parameters": {"type": "object", "properties": {

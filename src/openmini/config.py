@@ -82,12 +82,13 @@ class SchedulerConfig:
     """Continuous-batching limits.
 
     Attributes:
-        max_num_batched_tokens: token budget of one engine step (prefill chunks + decodes).
+        max_num_batched_tokens: token budget of one engine step (prefill chunks + decodes);
+            512 on CPU keeps one long prompt from stalling other streams for long.
         max_num_seqs: most sequences running at once.
         max_model_len: longest sequence (prompt + output) accepted, in tokens.
     """
 
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 512
     max_num_seqs: int = 32
     max_model_len: int = 8192
 

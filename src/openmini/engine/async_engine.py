@@ -110,8 +110,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return not self._stopped and self._dead is None and self._thread.is_alive()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop; unfinished requests get ``EngineDeadError``."""
+    def shutdown(self, timeout: float = 300.0) -> None:
+        """Stop the loop after the current step; unfinished requests get ``EngineDeadError``.
+
+        Waits for the step in progress (bounded by ``max_num_batched_tokens``): leaving the
+        thread inside a torch kernel while the interpreter exits aborts the process."""
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout)

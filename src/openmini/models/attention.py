@@ -19,6 +19,10 @@ Attention strategy (few torch ops per layer, since Python overhead dominates sma
 - each prefill chunk: SDPA over its context; a chunk that is the whole context uses the
   fresh keys/values and ``is_causal``; a chunk after a cached prefix gathers its blocks and
   uses a bottom-right aligned causal mask built once per step.
+
+A bfloat16 cache is upcast to the queries' dtype (float32) after the gather: SDPA in bf16 is
+2-3x slower than in float32 on CPUs without AMX/AVX512-BF16. The native decode kernel
+(``openmini.models.quantization.NativeKernels.paged_decode``) reads either dtype directly.
 """
 
 from __future__ import annotations
@@ -274,9 +278,7 @@ def paged_attention(
             kvs = kv[p.token_start : p.token_end].permute(1, 2, 0, 3)[:, None]  # [2, 1, Hkv, q, D]
             o = F.scaled_dot_product_attention(qs, kvs[0], kvs[1], is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            kvs = _gather(kv_cache, p.block_index, p.seq_len)  # [2, 1, Hkv, S, D]
-            if kvs.dtype != q.dtype:
-                qs = qs.to(kvs.dtype)
+            kvs = _gather(kv_cache, p.block_index, p.seq_len).to(q.dtype)  # [2, 1, Hkv, S, D]
             o = F.scaled_dot_product_attention(qs, kvs[0], kvs[1], attn_mask=p.mask, scale=scale, enable_gqa=gqa)
         out[p.token_start : p.token_end] = o[0].transpose(0, 1)  # [q, H, D]
     return out
@@ -304,9 +306,7 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scal
     mask = md.decode_mask
     if mask is None:  # one sequence: cut the padding instead of masking it
         kv = kv[:, :, : md.decode_seq_len]
-    kv = kv.transpose(2, 3)  # [2, Bd, Hkv, L, D]
+    kv = kv.transpose(2, 3).to(q.dtype)  # [2, Bd, Hkv, L, D]; a bf16 cache is read as float32
     qg = q.view(Bd, Hkv, H // Hkv, D)  # query heads grouped by their KV head
-    if qg.dtype != kv.dtype:
-        qg = qg.to(kv.dtype)
     o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=mask, scale=scale)  # [Bd, Hkv, G, D]
-    return o.view(Bd, H, D).to(q.dtype)
+    return o.view(Bd, H, D)

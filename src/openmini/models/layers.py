@@ -3,14 +3,19 @@
 Every architecture file (``llama.py``, ``qwen2.py``) is assembled from these blocks.
 Numerics follow HF ``transformers`` (``modeling_llama.py``) so that fp32 logits match it.
 
-Speed notes (CPU, per-op Python overhead matters at 135M parameters):
-- q/k/v are one matmul (``qkv_proj``) and gate/up are one matmul (``gate_up_proj``).
-- The residual add is fused into the output matmuls (``Linear.forward_add`` = one ``addmm``).
-- The rows of the q/k projections are permuted once at load time from HF's rotate-half
-  layout to the interleaved pair layout, so RoPE is one complex multiplication
-  (see ``interleave_rotary_rows``). Attention scores are unchanged because q and k get the
-  same permutation; the KV cache therefore holds keys in the interleaved layout.
-- RoPE tables (``freqs_cis``) are built once and indexed once per forward, not per layer.
+Speed notes (CPU; at 135M parameters the per-op Python overhead matters):
+- q/k/v are one matmul (``qkv_proj``) and gate/up are one matmul (``gate_up_proj``); the
+  residual add is fused into the output matmuls (``forward_add``).
+- The q/k rows are permuted once at load time from HF's rotate-half layout to interleaved
+  pairs, so RoPE is one complex multiplication (``interleave_rotary_rows``); scores are
+  unchanged because q and k get the same permutation, so the KV cache holds keys in the
+  interleaved layout. The softmax scale is folded into the q rows.
+- RoPE rotations are indexed once per step (``RotaryEmbedding.step``), not per layer.
+- ``quantization.apply_weight_format`` swaps the ``Linear`` modules and hands the native
+  kernels to ``RMSNorm``, ``GatedMLP`` and ``Attention`` (their ``kernels`` attribute); a
+  decode step then runs RoPE + KV write + attention in one native call.
+- Hot paths call submodules through ``.forward`` and ``bind_attributes`` makes submodule
+  lookups plain attribute reads (``nn.Module.__call__``/``__getattr__`` cost microseconds).
 """
 
 from __future__ import annotations
@@ -328,11 +333,17 @@ class GatedMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.kernels = None  # native kernels, set by quantization.apply_weight_format
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """x: [T, d] (normed), residual: [T, d] float32 -> residual + mlp(x): [T, d] float32."""
-        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)  # [T, I] each
-        return self.down_proj.forward_add(F.silu(gate).mul_(up), residual)
+        gate_up = self.gate_up_proj.forward(x)  # [T, 2I]
+        if self.kernels is not None and gate_up.dtype == torch.float32 and gate_up.is_contiguous():
+            h = self.kernels.silu_mul(gate_up, self.intermediate_size)  # [T, I]
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, I] each
+            h = F.silu(gate).mul_(up)
+        return self.down_proj.forward_add(h, residual)
 
 
 class Attention(nn.Module):
@@ -418,3 +429,22 @@ class DecoderLayer(nn.Module):
         # submodules are called through .forward: nn.Module.__call__ costs microseconds per call
         x = self.self_attn.forward_add(self.input_layernorm.forward(x), x, rope, attn_metadata, kv_cache)
         return self.mlp.forward_add(self.post_attention_layernorm.forward(x), x)
+
+
+def bind_attributes(model: nn.Module) -> None:
+    """Copy every submodule and parameter reference into its owner's instance ``__dict__``.
+
+    ``nn.Module`` resolves submodules and parameters through ``__getattr__`` (about a
+    microsecond each; a decode step does hundreds); a plain instance attribute is found
+    first. Reassigning a submodule or parameter through ``setattr`` drops the copy again
+    (``nn.Module.__setattr__`` removes the name from ``__dict__``), so this stays correct.
+    Buffers are not copied (``Module._apply`` replaces them behind ``__setattr__``'s back).
+    """
+    for module in model.modules():
+        for name, child in module._modules.items():
+            if child is not None:
+                module.__dict__[name] = child
+        for name, param in module._parameters.items():
+            if param is not None:
+                module.__dict__[name] = param
+

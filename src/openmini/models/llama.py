@@ -15,8 +15,22 @@ from torch import nn
 
 from openmini.config import ModelConfig
 from openmini.models.attention import AttentionMetadata
-from openmini.models.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding, interleave_rotary_rows
-from openmini.models.quantization import NativeKernels, apply_weight_format, resolve_dtype_mode
+from openmini.models.layers import (
+    DecoderLayer,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    bind_attributes,
+    interleave_rotary_rows,
+)
+from openmini.models.quantization import (
+    GROUP,
+    Int8Embedding,
+    Int8Linear,
+    NativeKernels,
+    apply_weight_format,
+    resolve_dtype_mode,
+)
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # HF names inside a layer -> (our parameter path, row slice name or None)
@@ -38,13 +52,14 @@ class LlamaForCausalLM(nn.Module):
     Args:
         config: architecture hyper-parameters.
         dtype_mode: ``"float32"`` (exact, for tests), ``"auto"`` (the fastest format this
-            CPU supports well: bfloat16 linears and KV cache on AMX / AVX512-BF16 CPUs, else
-            int4/int8 weight-only linears and a float32 KV cache; norms, residual stream,
-            RoPE and logits stay float32), or an explicit ``"bfloat16"`` / ``"int8"`` /
-            ``"int4"`` / ``"mixed"`` (see ``openmini.models.quantization``).
+            CPU runs well, see ``quantization.resolve_dtype_mode``: on x86 with AVX2 int4
+            weights where the checkpoint is already 4-bit, int8 elsewhere, native kernels,
+            float32 KV cache; norms, residual stream, RoPE and logits stay float32), or an
+            explicit ``"bfloat16"`` / ``"int8"`` / ``"int4"`` / ``"mixed"``.
 
     Attributes:
-        kv_dtype: dtype the KV cache must be allocated with.
+        kv_dtype: dtype to allocate the KV cache with (float32 or bfloat16; every attention
+            path accepts both, so a caller may choose bfloat16 to halve cache memory).
         linear_format: weight format of the linear layers (``quantization.DTYPE_MODES``).
         native_kernels: the quantized layers run the native AVX2 kernels (set by
             ``load_weights``; see ``openmini.models.quantization``).
@@ -70,6 +85,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+        self.embed_int8: Int8Embedding | None = None  # replaces embed_tokens in int formats
         self.loaded = False
         self.native_kernels = False
 
@@ -105,9 +121,14 @@ class LlamaForCausalLM(nn.Module):
         Raises:
             ValueError: ``kv_caches`` does not hold one tensor per layer.
         """
+        if not self.loaded:
+            raise RuntimeError("load_weights must be called before forward")
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} KV cache tensors (one per layer), got {len(kv_caches)}")
-        x = F.embedding(input_ids, self.embed_tokens)  # [T, d]
+        if self.embed_int8 is not None:
+            x = self.embed_int8.forward(input_ids)  # [T, d]
+        else:
+            x = F.embedding(input_ids, self.embed_tokens)  # [T, d]
         cfg = self.config
         H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         rope = self.rotary.step(positions, attn_metadata.max_seq_len, H + Hkv, Hkv)
@@ -160,11 +181,18 @@ class LlamaForCausalLM(nn.Module):
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise ValueError(f"missing weights: {', '.join(missing[:5])}{more}")
         if cfg.tie_word_embeddings:
-            self.lm_head.weight.copy_(self.embed_tokens)
+            self.lm_head.weight = self.embed_tokens  # one tensor while float32
         self._prepare_qkv_rows()
-        kernels = NativeKernels.load() if self.linear_format in ("int8", "int4", "mixed") else None
+        int_format = self.linear_format in ("int8", "int4", "mixed")
+        kernels = NativeKernels.load() if int_format else None
         apply_weight_format(self, self.linear_format, kernels)
+        if int_format and cfg.hidden_size % GROUP == 0:
+            # the float32 table is the largest tensor of a small model: keep it in int8
+            head = self.lm_head if cfg.tie_word_embeddings and isinstance(self.lm_head, Int8Linear) else None
+            self.embed_int8 = Int8Embedding(self.embed_tokens, shared=head)
+            self.embed_tokens = nn.Parameter(torch.empty(0, cfg.hidden_size), requires_grad=False)
         self.native_kernels = kernels is not None
+        bind_attributes(self)
         self.loaded = True
 
     def _expected_names(self) -> set[str]:

@@ -26,9 +26,10 @@ Two backends run the quantized formats:
   ``_weight_int4pack_mm_for_cpu`` (bf16 scales) on bfloat16 activations.
 
 Both run the weight-only kernels for up to ``GEMM_MIN_ROWS`` rows (decode: reading the
-weights dominates, 4-8x fewer bytes than float32) and dequantize to a float32 GEMM for more
-rows (prefill: compute bound, where MKL's float32 GEMM is about 2x faster than the weight-only
-kernels on AVX2). ``forward`` returns float32 (native) or bfloat16/float32 (torch).
+weights dominates, 4-8x fewer bytes than float32) and dequantize to a GEMM for more rows
+(prefill: compute bound; MKL's float32 GEMM is about 2x faster than the weight-only kernels
+on AVX2; on AMX / AVX512-BF16 CPUs the GEMM runs in bfloat16). ``forward`` returns float32
+(native) or bfloat16/float32 (torch).
 
 ``resolve_dtype_mode`` maps the model's ``dtype_mode`` to a format and a KV cache dtype,
 choosing by the CPU's features for ``"auto"``. ``OPENMINI_NATIVE_KERNELS=0`` disables the
@@ -51,8 +52,9 @@ from torch import nn
 from openmini.models.layers import Linear
 
 DTYPE_MODES = ("auto", "float32", "bfloat16", "int8", "int4", "mixed")
-# above this many rows, quantized layers dequantize and run a float32 GEMM
-GEMM_MIN_ROWS = 32
+# above this many rows, quantized layers dequantize and run a float32 GEMM (measured
+# crossover of the native kernels against dequantize + MKL sgemm on AVX2: 16-24 rows)
+GEMM_MIN_ROWS = 16
 GROUP = 32
 # relative RMS error under which int4 re-quantization counts as lossless (a float weight
 # quantized to 4 bits gives ~8%; Q4_0/Q4_1 weights give float rounding only)
@@ -71,11 +73,15 @@ def resolve_dtype_mode(dtype_mode: str) -> tuple[str, torch.dtype]:
     """Map a ``dtype_mode`` to ``(linear weight format, KV cache dtype)``.
 
     - ``"float32"``: float32 weights and KV cache.
-    - ``"auto"``: on CPUs with fast bf16 (AMX / AVX512-BF16) bfloat16 weights and KV cache;
-      otherwise ``"mixed"`` int4/int8 weights and a float32 KV cache (attention over a bf16
-      cache is 2-3x slower on AVX2 than over float32, measured with SDPA and bmm).
-    - ``"bfloat16"`` / ``"int8"`` / ``"int4"`` / ``"mixed"``: that weight format, KV cache
-      bfloat16 on fast-bf16 CPUs else float32.
+    - ``"auto"``: ``"mixed"`` int4/int8 weights where the native kernels load (any x86 CPU
+      with AVX2 + FMA and a C compiler); else ``"bfloat16"`` on CPUs with AMX /
+      AVX512-BF16; else ``"mixed"`` on the torch kernels.
+    - ``"bfloat16"`` / ``"int8"`` / ``"int4"`` / ``"mixed"``: that weight format.
+
+    The KV cache is bfloat16 on fast-bf16 CPUs, else float32: on AVX2 both attention paths
+    are faster over float32 (SDPA 2-3x; the native kernel ~1.5x, it converts bf16 on load).
+    All attention paths accept either dtype, so a caller short of memory may allocate a
+    bfloat16 cache instead (half the bytes; top-1 agreement 99.75% on SmolLM2, measured).
 
     Raises:
         ValueError: unknown mode.
@@ -87,7 +93,8 @@ def resolve_dtype_mode(dtype_mode: str) -> tuple[str, torch.dtype]:
     fast_bf16 = cpu_has_fast_bf16()
     kv_dtype = torch.bfloat16 if fast_bf16 else torch.float32
     if dtype_mode == "auto":
-        return ("bfloat16" if fast_bf16 else "mixed"), kv_dtype
+        native = NativeKernels.load() is not None
+        return ("bfloat16" if fast_bf16 and not native else "mixed"), kv_dtype
     return dtype_mode, kv_dtype
 
 
@@ -106,6 +113,7 @@ _NATIVE_SRC = r"""
    Also: RMSNorm, and decode attention over the paged KV cache with RoPE applied in place. */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,6 +130,43 @@ static inline int hsum8i(__m256i v) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     return _mm_cvtsi128_si32(s);
+}
+
+/* e^x for 8 floats: x = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial
+   (relative error < 1e-7), 2^n through the exponent bits. Inputs clamped to [-87, 88]. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* SwiGLU gate: out[m, i] = silu(gu[m, i]) * gu[m, I + i], silu(g) = g / (1 + e^-g); gu [M, 2I]. */
+void om_silu_mul(const float* gu, int M, int I, float* out) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (int m = 0; m < M; m++) {
+        const float* g = gu + (size_t)m * 2 * I;
+        const float* u = g + I;
+        float* o = out + (size_t)m * I;
+        int i = 0;
+        for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, gv))));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
 }
 
 /* xq [M, K] int16, dx [M, G] scales, xs [M, G] = dx * sum of the group's xq */
@@ -288,16 +333,18 @@ int om_q8_gemm(const float* x, int M, int K, const int8_t* qw, const float* s, i
 
 void om_q4_dequant(const uint8_t* qw, const float* s, const float* mn, int N, int K, float* w) {
     const int G = K / 32;
+    const __m128i low4 = _mm_set1_epi8(0x0F);
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         for (int g = 0; g < G; g++) {
-            const uint8_t* b = qw + (size_t)n * (K / 2) + 16 * g;
+            const __m128i b = _mm_loadu_si128((const __m128i*)(qw + (size_t)n * (K / 2) + 16 * g));
+            const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+            const __m256 sc = _mm256_set1_ps(s[(size_t)n * G + g]), z = _mm256_set1_ps(mn[(size_t)n * G + g]);
             float* wr = w + (size_t)n * K + 32 * g;
-            const float sc = s[(size_t)n * G + g], z = mn[(size_t)n * G + g];
-            for (int j = 0; j < 16; j++) {
-                wr[j] = sc * (float)(b[j] & 15) + z;
-                wr[j + 16] = sc * (float)(b[j] >> 4) + z;
-            }
+            _mm256_storeu_ps(wr, _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), z));
+            _mm256_storeu_ps(wr + 8, _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), z));
+            _mm256_storeu_ps(wr + 16, _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), z));
+            _mm256_storeu_ps(wr + 24, _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), z));
         }
     }
 }
@@ -306,7 +353,15 @@ void om_q8_dequant(const int8_t* qw, const float* s, int N, int K, float* w) {
     const int G = K / 32;
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        for (int k = 0; k < K; k++) w[(size_t)n * K + k] = s[(size_t)n * G + k / 32] * (float)qw[(size_t)n * K + k];
+        for (int g = 0; g < G; g++) {
+            const int8_t* q = qw + (size_t)n * K + 32 * g;
+            const __m256 sc = _mm256_set1_ps(s[(size_t)n * G + g]);
+            float* wr = w + (size_t)n * K + 32 * g;
+            for (int j = 0; j < 4; j++) {
+                const __m128i v = _mm_loadl_epi64((const __m128i*)(q + 8 * j));
+                _mm256_storeu_ps(wr + 8 * j, _mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))));
+            }
+        }
     }
 }
 
@@ -334,67 +389,200 @@ static inline void rope_head(const float* x, const float* cs, int D, float* o) {
     }
 }
 
-/* Decode step of attention over a paged float32 KV cache [2, NB, BS, Hkv, D]: one new token
-   per sequence. Row b of qkv (at qkv + b * qkv_stride) holds q [H, D], k [Hkv, D], v [Hkv, D]
-   before RoPE; rope [B, D/2, 2] holds (cos, sin) of each token's position. Rotates q and k,
-   writes k and v at slots[b], then for every query head computes softmax(scale q.K^T) V over
-   the sequence's seq_lens[b] tokens, located through block_tables [B, MB]. out [B, H, D].
-   D % 8 == 0, D <= 256. Returns nonzero when a buffer could not be allocated. */
-int om_paged_decode(const float* qkv, int64_t qkv_stride, const float* rope, const int64_t* slots, float* cache,
-                    int64_t num_blocks, int bs, const int64_t* block_tables, int max_blocks,
+/* 8 cache elements as floats: float32 or bfloat16 (upper half of a float32) */
+static inline __m256 load8(const void* p, int bf16) {
+    if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+    return _mm256_loadu_ps((const float*)p);
+}
+
+/* store n floats (n % 8 == 0) as float32 or bfloat16 (round to nearest even) */
+static inline void store_row(void* dst, const float* src, int n, int bf16) {
+    if (!bf16) { memcpy(dst, src, sizeof(float) * (size_t)n); return; }
+    uint16_t* d = (uint16_t*)dst;
+    for (int i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, src + i, 4);
+        d[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+/* Scores of 8 tokens for one query: 8 independent FMA chains, reduced by one hadd tree. */
+static inline __attribute__((always_inline)) __m256 dot8_tokens(const __m256* q8, int nd, const char* kh,
+                                                                 const int64_t* off, int es, int bf16) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) {
+        const char* kr = kh + off[i] * es;
+        __m256 a = _mm256_mul_ps(q8[0], load8(kr, bf16));
+        for (int d = 1; d < nd; d++) a = _mm256_fmadd_ps(q8[d], load8(kr + 8 * d * es, bf16), a);
+        acc[i] = a;
+    }
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+/* The G query heads q [G, D] of one KV head over tokens [0, n) at element offsets off[t]
+   from kh / vh. Writes the unnormalized partial result of this token range (flash-decoding):
+   o [G, D] = sum_t e^(s_t - m) v_t, m [G] = max_t s_t, l [G] = sum_t e^(s_t - m), with
+   s_t = scale q.k_t. Tokens go in chunks of 8 so each K/V row is read from memory once and
+   from L1 for the other heads of the group. Always inlined: one loop per cache dtype. */
+static inline __attribute__((always_inline)) int attend_group(
+        const float* q, int G, const char* kh, const char* vh, const int64_t* off, int64_t n, int D,
+        float scale, int bf16, float* o, float* m, float* l) {
+    const int nd = D / 8, es = bf16 ? 2 : 4;
+    float* sc = (float*)malloc(sizeof(float) * (size_t)G * (size_t)(n + 8));
+    if (!sc) return 1;
+    const int64_t ld = n + 8;  /* row stride of sc */
+    for (int g = 0; g < G; g++) m[g] = -INFINITY;
+    const __m256 vscale = _mm256_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        for (int g = 0; g < G; g++) {
+            __m256 q8[32];
+            for (int d = 0; d < nd; d++) q8[d] = _mm256_loadu_ps(q + (size_t)g * D + 8 * d);
+            _mm256_storeu_ps(sc + g * ld + t, _mm256_mul_ps(vscale, dot8_tokens(q8, nd, kh, off + t, es, bf16)));
+        }
+    }
+    for (; t < n; t++) {
+        const char* kr = kh + off[t] * es;
+        for (int g = 0; g < G; g++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int d = 0; d < nd; d++) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)g * D + 8 * d), load8(kr + 8 * d * es, bf16), a);
+            sc[g * ld + t] = scale * hsum8(a);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float* sg = sc + g * ld;
+        float mx = -INFINITY;
+        for (t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
+        const __m256 vmx = _mm256_set1_ps(mx);
+        __m256 vsum = _mm256_setzero_ps();
+        for (t = 0; t + 8 <= n; t += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), vmx));
+            _mm256_storeu_ps(sg + t, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum8(vsum);
+        for (; t < n; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
+        m[g] = mx;
+        l[g] = sum;
+        memset(o + (size_t)g * D, 0, sizeof(float) * (size_t)D);
+    }
+    for (t = 0; t < n; t += 8) {
+        const int64_t te = t + 8 < n ? t + 8 : n;
+        for (int g = 0; g < G; g++) {
+            float* og = o + (size_t)g * D;
+            const float* sg = sc + g * ld;
+            __m256 o8[32];
+            for (int d = 0; d < nd; d++) o8[d] = _mm256_loadu_ps(og + 8 * d);
+            for (int64_t u = t; u < te; u++) {
+                const char* vr = vh + off[u] * es;
+                const __m256 p = _mm256_set1_ps(sg[u]);
+                for (int d = 0; d < nd; d++) o8[d] = _mm256_fmadd_ps(p, load8(vr + 8 * d * es, bf16), o8[d]);
+            }
+            for (int d = 0; d < nd; d++) _mm256_storeu_ps(og + 8 * d, o8[d]);
+        }
+    }
+    free(sc);
+    return 0;
+}
+
+/* Decode step of attention over a paged KV cache [2, NB, BS, Hkv, D] of float32
+   (kv_bf16 = 0) or bfloat16 (kv_bf16 = 1): one new token per sequence. Row b of qkv (at
+   qkv + b * qkv_stride) holds q [H, D], k [Hkv, D], v [Hkv, D] before RoPE; rope [B, D/2, 2]
+   holds (cos, sin) of each token's position. Rotates q and k, writes k and v at slots[b],
+   then for every query head computes softmax(scale q.K^T) V over the sequence's seq_lens[b]
+   tokens, located through block_tables [B, MB]. out [B, H, D]. D % 8 == 0, D <= 256.
+   Returns nonzero when a buffer could not be allocated. */
+int om_paged_decode(const float* qkv, int64_t qkv_stride, const float* rope, const int64_t* slots, void* cache,
+                    int kv_bf16, int64_t num_blocks, int bs, const int64_t* block_tables, int max_blocks,
                     const int64_t* seq_lens, int B, int H, int Hkv, int D, float scale, float* out) {
     const size_t row = (size_t)Hkv * D, plane = (size_t)num_blocks * bs * row;
-    float* qr = (float*)malloc(sizeof(float) * (size_t)B * H * D);
+    const int es = kv_bf16 ? 2 : 4;
+    char* kc = (char*)cache;
+    char* vc = kc + plane * es;
+    float* qr = (float*)malloc(sizeof(float) * ((size_t)B * H * D + row));
     if (!qr) return 1;
+    float* krow = qr + (size_t)B * H * D;
     for (int b = 0; b < B; b++) {
         const float* src = qkv + (size_t)b * qkv_stride;
         const float* cs = rope + (size_t)b * D;
         for (int h = 0; h < H; h++) rope_head(src + (size_t)h * D, cs, D, qr + ((size_t)b * H + h) * D);
-        float* kdst = cache + (size_t)slots[b] * row;
-        for (int h = 0; h < Hkv; h++) rope_head(src + (size_t)(H + h) * D, cs, D, kdst + (size_t)h * D);
-        memcpy(cache + plane + (size_t)slots[b] * row, src + (size_t)(H + Hkv) * D, sizeof(float) * row);
+        for (int h = 0; h < Hkv; h++) rope_head(src + (size_t)(H + h) * D, cs, D, krow + (size_t)h * D);
+        store_row(kc + (size_t)slots[b] * row * es, krow, (int)row, kv_bf16);
+        store_row(vc + (size_t)slots[b] * row * es, src + (size_t)(H + Hkv) * D, (int)row, kv_bf16);
     }
-    const int G = H / Hkv, nd = D / 8;
+    const int G = H / Hkv;
+    /* element offset of every context token's row, per sequence (shared by its heads) */
+    int64_t S_total = 0, S_max = 0;
+    for (int b = 0; b < B; b++) { S_total += seq_lens[b]; S_max = seq_lens[b] > S_max ? seq_lens[b] : S_max; }
+    int64_t* offs = (int64_t*)malloc(sizeof(int64_t) * (size_t)(S_total + 1));
+    int64_t* starts = (int64_t*)malloc(sizeof(int64_t) * (size_t)(B + 1));
+    /* work item = (sequence, KV head, token split); enough items to keep every thread busy */
+    const int threads = omp_get_max_threads();
+    int nsplit = (4 * threads + B * Hkv - 1) / (B * Hkv);
+    const int max_split = (int)(S_max / 128) > 1 ? (int)(S_max / 128) : 1;
+    nsplit = nsplit < max_split ? nsplit : max_split;
+    const int items = B * Hkv * nsplit;
+    float* part = (float*)malloc(sizeof(float) * (size_t)items * G * (D + 2));  /* o [G, D], m [G], l [G] */
+    if (!offs || !starts || !part) { free(offs); free(starts); free(part); free(qr); return 1; }
+    starts[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const int64_t* bt = block_tables + (size_t)b * max_blocks;
+        for (int64_t t = 0; t < seq_lens[b]; t++) offs[starts[b] + t] = ((int64_t)bt[t / bs] * bs + t % bs) * (int64_t)row;
+        starts[b + 1] = starts[b] + seq_lens[b];
+    }
     int failed = 0;
     #pragma omp parallel for schedule(dynamic, 1)
-    for (int bh = 0; bh < B * H; bh++) {
-        const int b = bh / H, h = (bh % H) / G;
+    for (int it = 0; it < items; it++) {
+        const int b = it / (Hkv * nsplit), h = (it / nsplit) % Hkv, sp = it % nsplit;
         const int64_t S = seq_lens[b];
-        const int64_t* bt = block_tables + (size_t)b * max_blocks;
-        float* sc = (float*)malloc(sizeof(float) * (size_t)S);
-        if (!sc) { failed = 1; continue; }
-        __m256 q8[32];
-        for (int d = 0; d < nd; d++) q8[d] = _mm256_loadu_ps(qr + (size_t)bh * D + 8 * d);
-        float mx = -INFINITY;
-        for (int64_t t0 = 0, j = 0; t0 < S; t0 += bs, j++) {
-            const int n = S - t0 < bs ? (int)(S - t0) : bs;
-            const float* kb = cache + (size_t)bt[j] * bs * row + (size_t)h * D;
-            for (int o = 0; o < n; o++) {
-                const float* kr = kb + (size_t)o * row;
-                __m256 acc = _mm256_mul_ps(q8[0], _mm256_loadu_ps(kr));
-                for (int d = 1; d < nd; d++) acc = _mm256_fmadd_ps(q8[d], _mm256_loadu_ps(kr + 8 * d), acc);
-                const float v = scale * hsum8(acc);
-                sc[t0 + o] = v;
-                mx = v > mx ? v : mx;
-            }
+        const int64_t t0 = S * sp / nsplit, t1 = S * (sp + 1) / nsplit;
+        float* pw = part + (size_t)it * G * (D + 2);
+        const float* q = qr + ((size_t)b * H + (size_t)h * G) * D;
+        const char* kh = kc + (size_t)h * D * es;
+        const char* vh = vc + (size_t)h * D * es;
+        int err;
+        if (t1 <= t0) {  /* empty split */
+            for (int g = 0; g < G; g++) { pw[G * D + g] = -INFINITY; pw[G * D + G + g] = 0.f; }
+            memset(pw, 0, sizeof(float) * (size_t)G * D);
+            err = 0;
+        } else if (kv_bf16) {
+            err = attend_group(q, G, kh, vh, offs + starts[b] + t0, t1 - t0, D, scale, 1, pw, pw + G * D, pw + G * D + G);
+        } else {
+            err = attend_group(q, G, kh, vh, offs + starts[b] + t0, t1 - t0, D, scale, 0, pw, pw + G * D, pw + G * D + G);
         }
-        float sum = 0.f;
-        for (int64_t t = 0; t < S; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-        __m256 o8[32];
-        for (int d = 0; d < nd; d++) o8[d] = _mm256_setzero_ps();
-        for (int64_t t0 = 0, j = 0; t0 < S; t0 += bs, j++) {
-            const int n = S - t0 < bs ? (int)(S - t0) : bs;
-            const float* vb = cache + plane + (size_t)bt[j] * bs * row + (size_t)h * D;
-            for (int o = 0; o < n; o++) {
-                const float* vr = vb + (size_t)o * row;
-                const __m256 p = _mm256_set1_ps(sc[t0 + o]);
-                for (int d = 0; d < nd; d++) o8[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * d), o8[d]);
-            }
-        }
-        const __m256 inv = _mm256_set1_ps(1.0f / sum);
-        for (int d = 0; d < nd; d++) _mm256_storeu_ps(out + (size_t)bh * D + 8 * d, _mm256_mul_ps(o8[d], inv));
-        free(sc);
+        if (err) failed = 1;
     }
+    /* combine the splits: out = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) l_i */
+    for (int b = 0; b < B && !failed; b++) {
+        for (int h = 0; h < Hkv; h++) {
+            for (int g = 0; g < G; g++) {
+                const float* p0 = part + (size_t)((b * Hkv + h) * nsplit) * G * (D + 2);
+                float M = -INFINITY;
+                for (int sp = 0; sp < nsplit; sp++) {
+                    const float mi = p0[(size_t)sp * G * (D + 2) + G * D + g];
+                    M = mi > M ? mi : M;
+                }
+                float* o = out + ((size_t)b * H + (size_t)h * G + g) * D;
+                float L = 0.f;
+                for (int d = 0; d < D; d++) o[d] = 0.f;
+                for (int sp = 0; sp < nsplit; sp++) {
+                    const float* pi = p0 + (size_t)sp * G * (D + 2);
+                    const float li = pi[G * D + G + g];
+                    if (li == 0.f) continue;
+                    const float w = expf(pi[G * D + g] - M);
+                    L += w * li;
+                    for (int d = 0; d < D; d++) o[d] += w * pi[(size_t)g * D + d];
+                }
+                const float inv = 1.0f / L;
+                for (int d = 0; d < D; d++) o[d] *= inv;
+            }
+        }
+    }
+    free(part);
+    free(starts);
+    free(offs);
     free(qr);
     return failed;
 }
@@ -430,8 +618,17 @@ class NativeKernels:
         self.rms_norm_fn.restype = None
         self.paged_decode_fn = lib.om_paged_decode
         i64 = ctypes.c_int64
-        self.paged_decode_fn.argtypes = [p, i64, p, p, p, i64, i, p, i, p, i, i, i, i, ctypes.c_float, p]
+        self.paged_decode_fn.argtypes = [p, i64, p, p, p, i, i64, i, p, i, p, i, i, i, i, ctypes.c_float, p]
         self.paged_decode_fn.restype = ctypes.c_int
+        self.silu_mul_fn = lib.om_silu_mul
+        self.silu_mul_fn.argtypes = [p, i, i, p]
+        self.silu_mul_fn.restype = None
+
+    def silu_mul(self, gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
+        """SwiGLU gate ``silu(gate) * up`` of gate_up [T, 2I] float32 contiguous -> [T, I]."""
+        out = torch.empty(gate_up.shape[0], intermediate)
+        self.silu_mul_fn(gate_up.data_ptr(), gate_up.shape[0], intermediate, out.data_ptr())
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """HF RMSNorm of x [T, d] float32 (contiguous) with weight [d] -> [T, d] float32."""
@@ -456,7 +653,8 @@ class NativeKernels:
             qkv: [B, (H + 2 Hkv) * D] float32 projections before RoPE, q/k rows in the
                 interleaved pair layout; rows may be strided, each row contiguous.
             rope: [B, D/2, 2] float32 (cos, sin) of each token's position (contiguous).
-            kv_cache: [2, num_blocks, block_size, Hkv, D] float32 contiguous, updated in place.
+            kv_cache: [2, num_blocks, block_size, Hkv, D] float32 or bfloat16, contiguous,
+                updated in place.
             slot_mapping: [B] int64; block_tables: [B, max_blocks] int64; seq_lens: [B] int64.
             num_heads: H.
             scale: softmax scale.
@@ -472,7 +670,7 @@ class NativeKernels:
         out = torch.empty(B, num_heads, D)
         status = self.paged_decode_fn(
             qkv.data_ptr(), qkv.stride(0), rope.data_ptr(), slot_mapping.data_ptr(), kv_cache.data_ptr(),
-            num_blocks, bs, block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), B, num_heads,
+            int(kv_cache.dtype == torch.bfloat16), num_blocks, bs, block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), B, num_heads,
             Hkv, D, scale, out.data_ptr(),
         )
         _check_status(status)
@@ -480,10 +678,11 @@ class NativeKernels:
 
     @staticmethod
     def supports_decode(qkv: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-        """Whether ``paged_decode`` takes these tensors (float32, contiguous rows, D % 8 == 0)."""
+        """Whether ``paged_decode`` takes these tensors (float32 qkv with contiguous rows,
+        float32 or bfloat16 cache, D % 8 == 0)."""
         D = kv_cache.shape[-1]
         return (
-            kv_cache.dtype == torch.float32
+            kv_cache.dtype in (torch.float32, torch.bfloat16)
             and qkv.dtype == torch.float32
             and D % 8 == 0
             and D <= 256
@@ -528,18 +727,31 @@ def _bias_add(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else torch.add(bias, y)
 
 
+def _dequantized_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] @ w[out, in].T (+ bias) -> float32, as a bf16 GEMM where the CPU has AMX /
+    AVX512-BF16 (oneDNN), else float32 (MKL)."""
+    if cpu_has_fast_bf16():
+        return _bias_add(F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float(), bias)
+    return F.linear(x.float(), w, bias)
+
+
 def _check_status(status: int) -> None:
     if status:
         raise MemoryError("a native kernel could not allocate its work buffer")
 
 
 class BF16Linear(nn.Module):
-    """Linear layer with bfloat16 weights; bf16 matmul, bias added in float32."""
+    """Linear layer with bfloat16 weights; bf16 matmul, bias added in float32.
+
+    Like the int layers below, an inference-only module: its tensors are plain attributes
+    (not parameters or buffers, so not in ``state_dict``), which keeps attribute access on the
+    per-token path cheap.
+    """
 
     def __init__(self, linear: Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))  # [out, in]
+        self.weight = linear.weight.detach().to(torch.bfloat16)  # [out, in]
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -566,6 +778,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = K, N = linear.in_features, linear.out_features
         self.kernels = kernels if K % GROUP == 0 else None
+        self.gemm_min_rows = GEMM_MIN_ROWS  # apply_weight_format raises it for the LM head
         w = linear.weight.detach().float()  # [out, in]
         if self.kernels is not None:
             g = w.view(N, K // GROUP, GROUP)
@@ -574,8 +787,8 @@ class Int8Linear(nn.Module):
         else:
             scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)  # [N]
             q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight", q.contiguous())  # [out, in] int8
-        self.register_buffer("scales", scales.contiguous())
+        self.weight = q.contiguous()  # [out, in] int8
+        self.scales = scales.contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
 
     def dequantized(self) -> torch.Tensor:
@@ -590,8 +803,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out] (float32; bfloat16 for the torch kernel without bias)."""
         M = x.shape[0]
-        if M > GEMM_MIN_ROWS:
-            return F.linear(x.float(), self.dequantized(), self.bias)
+        if M > self.gemm_min_rows:
+            return _dequantized_gemm(x, self.dequantized(), self.bias)
         if self.kernels is None:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
             return _bias_add(y, self.bias)
@@ -609,7 +822,7 @@ class Int8Linear(nn.Module):
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual += self(x)`` in place; returns residual [T, out] float32 (contiguous)."""
-        if self.kernels is not None and x.shape[0] <= GEMM_MIN_ROWS and residual.is_contiguous():
+        if self.kernels is not None and x.shape[0] <= self.gemm_min_rows and residual.is_contiguous():
             return self._native(x, residual, 1)
         return residual.add_(self.forward(x))
 
@@ -631,19 +844,20 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = K, N = linear.in_features, linear.out_features
         self.kernels = kernels
+        self.gemm_min_rows = GEMM_MIN_ROWS  # apply_weight_format raises it for the LM head
         q, scale, zero, _ = int4_quantize(linear.weight.detach(), bf16_scales=kernels is None)
         if kernels is not None:
             g = q.view(N, K // GROUP, 2, GROUP // 2)  # halves of each group
-            self.register_buffer("weight", (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(N, K // 2).contiguous())
-            self.register_buffer("scales", scale.contiguous())  # [N, G]
-            self.register_buffer("mins", (zero - 8 * scale).contiguous())  # [N, G]
+            self.weight = (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+            self.scales = scale.contiguous()  # [N, G]
+            self.mins = (zero - 8 * scale).contiguous()  # [N, G]
         else:
-            self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-            self.register_buffer("scales_zeros", sz)  # [G, N, 2] bf16
-            self.register_buffer("q_centered", (q.to(torch.int16) - 8).to(torch.int8).view(N, K // GROUP, GROUP))
-            self.register_buffer("scale_f32", scale[..., None].contiguous())  # [N, G, 1]
-            self.register_buffer("zero_f32", zero[..., None].contiguous())  # [N, G, 1]
+            self.scales_zeros = sz  # [G, N, 2] bf16
+            self.q_centered = (q.to(torch.int16) - 8).to(torch.int8).view(N, K // GROUP, GROUP)
+            self.scale_f32 = scale[..., None].contiguous()  # [N, G, 1]
+            self.zero_f32 = zero[..., None].contiguous()  # [N, G, 1]
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
 
     def dequantized(self) -> torch.Tensor:
@@ -658,8 +872,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out] (float32; bfloat16 for the torch kernel without bias)."""
         M = x.shape[0]
-        if M > GEMM_MIN_ROWS:
-            return F.linear(x.float(), self.dequantized(), self.bias)
+        if M > self.gemm_min_rows:
+            return _dequantized_gemm(x, self.dequantized(), self.bias)
         if self.kernels is None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, GROUP, self.scales_zeros)
             return _bias_add(y, self.bias)
@@ -677,9 +891,43 @@ class Int4Linear(nn.Module):
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual += self(x)`` in place; returns residual [T, out] float32 (contiguous)."""
-        if self.kernels is not None and x.shape[0] <= GEMM_MIN_ROWS and residual.is_contiguous():
+        if self.kernels is not None and x.shape[0] <= self.gemm_min_rows and residual.is_contiguous():
             return self._native(x, residual, 1)
         return residual.add_(self.forward(x))
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table in int8 with one float32 scale per group of 32 columns (symmetric,
+    absmax / 127; lossless for GGUF ``Q8_0`` tables); rows are dequantized on lookup.
+
+    Args:
+        weight: [vocab, d] float table, d a multiple of 32.
+        shared: a native ``Int8Linear`` LM head holding the same (tied) matrix, whose int8
+            data and scales are reused instead of a second copy.
+
+    Raises:
+        ValueError: d not a multiple of 32.
+    """
+
+    def __init__(self, weight: torch.Tensor, shared: "Int8Linear | None" = None) -> None:
+        super().__init__()
+        V, d = weight.shape
+        if d % GROUP:
+            raise ValueError(f"int8 embedding needs a width divisible by {GROUP}, got {d}")
+        self.num_embeddings, self.embedding_dim = V, d
+        if shared is not None and shared.kernels is not None and tuple(shared.weight.shape) == (V, d):
+            self.weight, self.scales = shared.weight, shared.scales  # [V, d] int8, [V, d/32]
+        else:
+            g = weight.detach().float().view(V, d // GROUP, GROUP)
+            scales = (g.abs().amax(-1) / 127.0).clamp(min=1e-30)  # [V, G]
+            self.weight = torch.round(g / scales[..., None]).clamp(-127, 127).to(torch.int8).view(V, d)
+            self.scales = scales.contiguous()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [T] int64 -> [T, d] float32."""
+        T = ids.shape[0]
+        q = self.weight.index_select(0, ids).view(T, -1, GROUP).float()  # [T, G, 32]
+        return q.mul_(self.scales.index_select(0, ids)[..., None]).view(T, self.embedding_dim)
 
 
 def int4_quantize(
@@ -765,5 +1013,9 @@ def apply_weight_format(model: nn.Module, fmt: str, kernels: NativeKernels | Non
                 new = Int4Linear(child, kernels)
             else:
                 new = Int8Linear(child, kernels)
+            if name == "lm_head" and kernels is not None:
+                # logits are computed for a few sampled rows only: never materialize the
+                # dequantized [vocab, d] float32 matrix (113 MB for SmolLM2, 545 MB for Qwen2.5)
+                new.gemm_min_rows = 1 << 30
             setattr(module, name, new)
     return model

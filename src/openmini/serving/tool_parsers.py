@@ -322,7 +322,7 @@ class ToolCallStreamParser:
         self._call = None
         self._mode, self._held = "text", ""
 
-    # ---- after a call's JSON: the end marker ------------------------------------------------------
+    # ---- after a call's JSON: the end marker ----------------------------------------------
 
     def _feed_end(self, text: str, pos: int, events: list[Event]) -> int:
         end = self.fmt.end_marker
