@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (see `serve --help`)")
     sub.add_parser("chat", help="terminal chat (see `chat --help`)")
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (OSError, ValueError, RuntimeError) as exc:  # missing model, bad file, pull failure
+        print(f"openmini {args.cmd}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
