@@ -11,9 +11,14 @@ The GGUF is read with ``gguf.GGUFReader`` + ``gguf.quants.dequantize`` inline (i
 of ``openmini.loaders``); llama.cpp stores llama-arch q/k rows permuted for its RoPE, undone
 by ``_unpermute``. Token ids are random (seeded); speed does not depend on them.
 
+Each decode step includes ``AttentionMetadata.build`` and the logits, as in the engine.
+Other busy processes distort 2-thread timings badly (an OpenMP team waits for its
+descheduled worker); run on an idle machine, or with ``--threads 1 --cpu-time``.
+
 Usage:
     .venv/bin/python bench/bench_model_forward.py --gguf PATH [--modes auto float32]
         [--threads 2] [--prefill 2048] [--context 256] [--steps 64] [--cpu-time]
+        [--only prefill b1 b16]
 """
 
 from __future__ import annotations
@@ -107,8 +112,8 @@ def _timed(fn, repeats: int, cpu: bool) -> float:
     return best
 
 
-def bench_mode(cfg, weights, mode: str, args, ref_logits=None) -> dict:
-    """Speeds (tokens/s) and top-1 agreement of one dtype mode."""
+def bench_mode(cfg, weights, mode: str, args, ref_logits=None) -> tuple[dict, torch.Tensor]:
+    """(speeds in tokens/s and top-1 agreement, prefill logits [P, V]) of one dtype mode."""
     model = build_model(cfg, mode)
     model.load_weights(iter(weights))
     bs = 16
@@ -126,7 +131,8 @@ def bench_mode(cfg, weights, mode: str, args, ref_logits=None) -> dict:
 
     hidden = prefill()
     logits = model.compute_logits(hidden)
-    out["prefill_tok_s"] = P / _timed(prefill, args.repeats, args.cpu_time)
+    if "prefill" in args.only:
+        out["prefill_tok_s"] = P / _timed(prefill, args.repeats, args.cpu_time)
     if ref_logits is not None:
         out["top1_agree"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
         out["max_abs_logit_diff"] = (logits - ref_logits).abs().max().item()
@@ -156,8 +162,10 @@ def bench_mode(cfg, weights, mode: str, args, ref_logits=None) -> dict:
         # the median step: robust to other processes stealing the CPU now and then
         return batch / times[len(times) // 2]
 
-    out["decode_b1_tok_s"] = max(decode_run(1) for _ in range(args.repeats))
-    out["decode_b16_tok_s"] = max(decode_run(16) for _ in range(args.repeats))
+    if "b1" in args.only:
+        out["decode_b1_tok_s"] = max(decode_run(1) for _ in range(args.repeats))
+    if "b16" in args.only:
+        out["decode_b16_tok_s"] = max(decode_run(16) for _ in range(args.repeats))
     return out, logits
 
 
@@ -171,6 +179,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true", help="time by process CPU time (use with --threads 1)")
+    ap.add_argument("--only", nargs="+", default=["prefill", "b1", "b16"], choices=["prefill", "b1", "b16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg, weights = read_gguf(args.gguf)

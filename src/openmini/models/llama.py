@@ -233,7 +233,8 @@ class LlamaForCausalLM(nn.Module):
         fused_path, part = _FUSED[module_path]
         full = getattr(layer.get_submodule(fused_path), param)
         cfg = self.config
-        q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        inter = cfg.intermediate_size
         rows = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter), "up": (inter, inter)}[part]
         return full.narrow(0, *rows)
 

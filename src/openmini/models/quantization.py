@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import subprocess
 import tempfile
@@ -50,6 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmini.models.layers import Linear
+
+_log = logging.getLogger(__name__)
 
 DTYPE_MODES = ("auto", "float32", "bfloat16", "int8", "int4", "mixed")
 # above this many rows, quantized layers dequantize and run a float32 GEMM (measured
@@ -117,6 +120,10 @@ _NATIVE_SRC = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* below this many multiply-adds a kernel runs on the calling thread only: waking the
+   OpenMP team costs microseconds, and much more when another process holds the other core */
+#define PARALLEL_MIN_WORK (1 << 16)
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -274,7 +281,7 @@ int om_q4_gemm(const float* x, int M, int K, const uint8_t* qw, const float* s, 
     if (!alloc_x(M, K, &xq, &dx, &xs)) { free(xq); free(dx); free(xs); return 1; }
     quantize_x(x, M, K, xq, dx, xs);
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((int64_t)M * N * K >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const uint8_t* wr = qw + (size_t)n * (K / 2);
         const float* sr = s + (size_t)n * G;
@@ -306,7 +313,7 @@ int om_q8_gemm(const float* x, int M, int K, const int8_t* qw, const float* s, i
     int16_t* xq; float* dx; float* xs;
     if (!alloc_x(M, K, &xq, &dx, &xs)) { free(xq); free(dx); free(xs); return 1; }
     quantize_x(x, M, K, xq, dx, xs);
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((int64_t)M * N * K >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const int8_t* wr = qw + (size_t)n * K;
         const float* sr = s + (size_t)n * G;
@@ -334,7 +341,7 @@ int om_q8_gemm(const float* x, int M, int K, const int8_t* qw, const float* s, i
 void om_q4_dequant(const uint8_t* qw, const float* s, const float* mn, int N, int K, float* w) {
     const int G = K / 32;
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((int64_t)N * K >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         for (int g = 0; g < G; g++) {
             const __m128i b = _mm_loadu_si128((const __m128i*)(qw + (size_t)n * (K / 2) + 16 * g));
@@ -351,7 +358,7 @@ void om_q4_dequant(const uint8_t* qw, const float* s, const float* mn, int N, in
 
 void om_q8_dequant(const int8_t* qw, const float* s, int N, int K, float* w) {
     const int G = K / 32;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((int64_t)N * K >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         for (int g = 0; g < G; g++) {
             const int8_t* q = qw + (size_t)n * K + 32 * g;
@@ -533,7 +540,7 @@ int om_paged_decode(const float* qkv, int64_t qkv_stride, const float* rope, con
         starts[b + 1] = starts[b] + seq_lens[b];
     }
     int failed = 0;
-    #pragma omp parallel for schedule(dynamic, 1)
+    #pragma omp parallel for schedule(dynamic, 1) if (S_total * Hkv * D >= PARALLEL_MIN_WORK / 8)
     for (int it = 0; it < items; it++) {
         const int b = it / (Hkv * nsplit), h = (it / nsplit) % Hkv, sp = it % nsplit;
         const int64_t S = seq_lens[b];
@@ -670,8 +677,8 @@ class NativeKernels:
         out = torch.empty(B, num_heads, D)
         status = self.paged_decode_fn(
             qkv.data_ptr(), qkv.stride(0), rope.data_ptr(), slot_mapping.data_ptr(), kv_cache.data_ptr(),
-            int(kv_cache.dtype == torch.bfloat16), num_blocks, bs, block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), B, num_heads,
-            Hkv, D, scale, out.data_ptr(),
+            int(kv_cache.dtype == torch.bfloat16), num_blocks, bs, block_tables.data_ptr(), block_tables.shape[1],
+            seq_lens.data_ptr(), B, num_heads, Hkv, D, scale, out.data_ptr(),
         )
         _check_status(status)
         return out
@@ -699,8 +706,12 @@ class NativeKernels:
         """
         if os.environ.get("OPENMINI_NATIVE_KERNELS", "1") == "0":
             return None
-        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-            return None
+        try:
+            if not torch.cpu._is_avx2_supported():
+                return None
+        except AttributeError:  # torch without the probe
+            if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+                return None
         tag = hashlib.sha256(_NATIVE_SRC.encode()).hexdigest()[:16]
         path = _kernel_dir() / f"openmini_quant_{tag}.so"
         try:
@@ -710,10 +721,14 @@ class NativeKernels:
                     src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
                     src.write_text(_NATIVE_SRC)
                     cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-                    subprocess.run([*cmd, str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+                    cmd += [str(src), "-o", str(out), "-lm"]
+                    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
                     os.replace(out, path)  # atomic: concurrent processes never load a partial file
             return cls(ctypes.CDLL(str(path)))
-        except (OSError, subprocess.SubprocessError):
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            stderr = detail.decode(errors="replace")[:500]
+            _log.warning("native kernels unavailable, using torch kernels: %s %s", exc, stderr)
             return None
 
 
@@ -865,7 +880,9 @@ class Int4Linear(nn.Module):
         N, K = self.out_features, self.in_features
         if self.kernels is not None:
             w = torch.empty(N, K)
-            self.kernels.q4_dequant(self.weight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), N, K, w.data_ptr())
+            self.kernels.q4_dequant(
+                self.weight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), N, K, w.data_ptr()
+            )
             return w
         return torch.addcmul(self.zero_f32, self.q_centered.float(), self.scale_f32).view(N, K)
 
