@@ -62,3 +62,24 @@ def test_serve_process_end_to_end_and_sigterm(tiny_llama):
     # one access-log line per request, with its request id
     assert proc.output.count('"POST /v1/chat/completions HTTP') == 0  # no uvicorn access log
     assert proc.output.count('"POST /v1/chat/completions" ') == 4
+
+
+def test_port_in_use_fails_before_model_load(tmp_path, capsys):
+    """A taken port -> exit 1 with a one-line error, without touching the (missing) model."""
+    import socket
+
+    from openmini.api.server import serve_main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        rc = serve_main(["--model", str(tmp_path / "missing.gguf"), "--port", str(port),
+                         "--data-dir", str(tmp_path / "data")])
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err
+    assert "missing.gguf" not in err  # the model was never looked at

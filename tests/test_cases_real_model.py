@@ -8,6 +8,7 @@ writes a few tokens per second per sequence.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx
 import openai
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.real_model
 
 MODEL = "smollm2-135m-instruct"
 MAX_MODEL_LEN = 2048
-DTYPE = "float32"
+DTYPE = os.environ.get("OPENMINI_TEST_DTYPE", "float32")
 """Exact mode. With ``dtype="auto"`` (bf16 matmuls) C14 and C20 do not hold: logits then
 depend on batch composition and on prefix-cache hits (see the API report)."""
 

@@ -84,10 +84,11 @@ class FakeModel:
 
 
 def make_sched(num_blocks=1000, block_size=4, budget=2048, max_num_seqs=32,
-               max_model_len=8192, prefix_caching=True):
+               max_model_len=8192, prefix_caching=True, chunk="budget"):
     kv = KVCacheManager(num_blocks, block_size, prefix_caching)
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
-                          max_model_len=max_model_len)
+                          max_model_len=max_model_len,
+                          prefill_chunk_size=budget if chunk == "budget" else chunk)
     return Scheduler(cfg, kv), FakeModel(kv)
 
 
@@ -181,20 +182,22 @@ def test_chunked_prefill_alone():
 
 
 def test_chunked_prefill_mixes_with_decodes():
-    sched, model = make_sched(num_blocks=400, block_size=16, budget=512)
+    # default grid: max(512 // 2, 512 - 32) = 480 tokens per chunk
+    sched, model = make_sched(num_blocks=400, block_size=16, budget=512, chunk=None)
     short = make_req("short", [5] * 10, max_tokens=20)
     long = make_req("long", random_prompt(random.Random(2), 6000), max_tokens=3)
     sched.add_request(short)
     sched.add_request(long)
     outs = run(sched, model)
     first_sample = next(i for i, o in enumerate(outs) if o.samples("long")) + 1
-    assert first_sample == 12
-    for o in outs[:12]:
+    assert first_sample == 13  # 12 chunks of 480, then the last 240
+    for o in outs[:13]:
         assert set(o.num_scheduled_tokens) == {"short", "long"}
         assert o.total_num_scheduled_tokens <= 512
         assert o.samples("short")  # a decode every step, next to the prefill chunk
-    assert outs[0].num_scheduled_tokens == {"short": 10, "long": 502}
-    assert all(o.num_scheduled_tokens == {"short": 1, "long": 511} for o in outs[1:11])
+    assert outs[0].num_scheduled_tokens == {"short": 10, "long": 480}
+    assert all(o.num_scheduled_tokens == {"short": 1, "long": 480} for o in outs[1:12])
+    assert outs[12].num_scheduled_tokens == {"short": 1, "long": 240}
     assert short.output_token_ids == reference_tokens(short.prompt_token_ids, 20)
     assert long.output_token_ids == reference_tokens(long.prompt_token_ids, 3)
 
@@ -319,7 +322,7 @@ def test_max_num_seqs_and_budget_are_respected():
         sched.add_request(r)
     outs = run(sched, model)  # check_step asserts both limits every step
     assert max(len(o.scheduled) for o in outs) == 3
-    assert max(o.total_num_scheduled_tokens for o in outs) == 40
+    assert 30 <= max(o.total_num_scheduled_tokens for o in outs) <= 40  # chunks on a grid
     assert all(r.output_token_ids == reference_tokens(r.prompt_token_ids, 6) for r in reqs)
 
 
@@ -466,3 +469,30 @@ def test_abort_at_every_moment_frees_everything():
                         n_aborted += 1
                         assert r.num_output_tokens < 5
     assert n_aborted > 3 * num_steps  # the aborts did land mid-flight
+
+
+def test_prefill_chunks_sit_on_a_fixed_grid_whatever_else_runs():
+    """Chunk boundaries are multiples of prefill_chunk_size from the sequence start, so a
+    prompt is split the same way alone and beside decodes (batch invariance); a chunk that
+    does not fit waits instead of shrinking."""
+    sched, model = make_sched(budget=10, max_num_seqs=4, chunk=None)
+    assert sched.prefill_chunk_size == 6  # max(10 // 2, 10 - 4)
+    busy = [make_req(f"d{i}", [1], max_tokens=50) for i in range(4)]
+    for r in busy:
+        sched.add_request(r)
+    step(sched, model)  # the four 1-token prompts
+    long = make_req("p", range(2, 16), max_tokens=1)  # 14 prompt tokens: chunks 6, 6, 2
+    sched.add_request(long)
+    chunks = []
+    while long.status != RequestStatus.FINISHED_LENGTH:
+        out, _ = step(sched, model)
+        if "p" in out.num_scheduled_tokens:
+            chunks.append(out.num_scheduled_tokens["p"])
+        assert out.total_num_scheduled_tokens <= 10
+    assert chunks == [6, 6, 2]
+
+    alone, model2 = make_sched(budget=10, max_num_seqs=4, chunk=None)
+    solo = make_req("p", range(2, 16), max_tokens=1)
+    alone.add_request(solo)
+    out, _ = step(alone, model2)
+    assert out.num_scheduled_tokens == {"p": 6}  # not 10: the grid, not the free budget

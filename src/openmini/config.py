@@ -86,11 +86,15 @@ class SchedulerConfig:
             512 on CPU keeps one long prompt from stalling other streams for long.
         max_num_seqs: most sequences running at once.
         max_model_len: longest sequence (prompt + output) accepted, in tokens.
+        prefill_chunk_size: grid of chunked prefill, in tokens from the sequence start
+            (see ``engine.scheduler``); None: ``max(budget // 2, budget - max_num_seqs)``,
+            so a chunk fits beside one decode token per running sequence.
     """
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 32
     max_model_len: int = 8192
+    prefill_chunk_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 
 from openmini.api.settings import DEFAULT_MODEL_ALIASES, ServerSettings
@@ -100,11 +101,34 @@ RESPONSES_DB = "responses.sqlite3"
 """File name of the Responses API store inside ``--data-dir``."""
 
 
+def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """Bind a TCP listening socket for ``host:port`` before the (slow) model load.
+
+    A port already in use is then reported at once instead of after loading the model,
+    and the bound socket is handed to uvicorn (no window for another process to take it).
+
+    Raises:
+        OSError: the address cannot be resolved or bound (e.g. ``EADDRINUSE``).
+    """
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     """Run ``openmini serve``; returns the process exit status.
 
-    Exit status: 0 after a clean shutdown, 1 when the model or the data directory cannot
-    be loaded, 2 for bad arguments (argparse).
+    Exit status: 0 after a clean shutdown, 1 when the address cannot be bound (checked before
+    the model loads) or the model or the data directory cannot be loaded, 2 for bad arguments.
     """
     args = build_parser().parse_args(argv)
     level = getattr(logging, args.log_level.upper())
@@ -120,11 +144,17 @@ def serve_main(argv: list[str] | None = None) -> int:
     from openmini.engine.async_engine import AsyncEngine
     from openmini.store import SQLiteResponseStore, StoreError
 
+    try:
+        listen_socket = bind_listen_socket(args.host, args.port)
+    except OSError as exc:
+        print(f"openmini serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
     data_dir = args.data_dir or default_data_dir()
     try:
         store = SQLiteResponseStore(os.path.join(data_dir, RESPONSES_DB))
     except StoreError as exc:
         print(f"openmini serve: {exc}", file=sys.stderr)
+        listen_socket.close()
         return 1
 
     config = EngineConfig(
@@ -139,6 +169,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         logger.debug("model load failed", exc_info=True)
         print(f"openmini serve: cannot load model {model!r}: {exc}", file=sys.stderr)
         store.close()
+        listen_socket.close()
         return 1
     try:
         name = args.served_model_name or (
@@ -162,7 +193,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         # KeyboardInterrupt of SIGINT) lets the engine shut down and the exit status be 0.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
         try:
-            server.run()
+            server.run(sockets=[listen_socket])
         except KeyboardInterrupt:
             pass
         finally:
@@ -170,5 +201,6 @@ def serve_main(argv: list[str] | None = None) -> int:
     finally:
         engine.shutdown()
         store.close()
+        listen_socket.close()
     logger.info("shut down cleanly")
     return 0

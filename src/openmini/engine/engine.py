@@ -18,6 +18,7 @@ import torch
 from openmini.config import EngineConfig, ModelConfig, SchedulerConfig
 from openmini.engine.errors import ContextLengthExceededError
 from openmini.engine.kv_cache_manager import KVCacheManager, num_blocks_from_memory
+from openmini.engine.memory import trim_process_heap
 from openmini.engine.model_runner import ModelRunner
 from openmini.engine.output_processor import OutputProcessor
 from openmini.engine.protocol import EngineStats
@@ -81,6 +82,7 @@ class Engine:
         self.model = build_model(self.model_config, dtype_mode)
         self.model.load_weights(files.weights())
         self.model.eval()
+        trim_process_heap()  # the float32 copies made while loading: ~250 MiB of RSS
 
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         cache_cfg = config.cache
@@ -95,7 +97,8 @@ class Engine:
         sched_cfg = SchedulerConfig(
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_num_seqs=config.scheduler.max_num_seqs,
-            max_model_len=self.max_model_len)
+            max_model_len=self.max_model_len,
+            prefill_chunk_size=config.scheduler.prefill_chunk_size)
         self.scheduler = Scheduler(sched_cfg, self.kv_manager)
         self.runner = ModelRunner(self.model, self.model_config, cache_cfg, num_blocks)
         self.sampler = Sampler(self.tokenizer.vocab_size, base_seed=config.seed)
@@ -167,7 +170,8 @@ class Engine:
                 max_tokens=max_tokens, parent_id=request_id, index=i,
                 wait_for_prefill_of=seqs[0].request_id if i > 0 else None,
                 logprobs=[] if params.logprobs is not None else None,
-                grammar=self.structured.new_matcher(spec) if spec is not None else None))
+                grammar=(self.structured.new_matcher(spec, max_tokens=max_tokens)
+                         if spec is not None else None)))
         self.output_processor.add(request_id, prompt, list(prompt_token_ids), seqs)
         for seq in seqs:
             self.scheduler.add_request(seq)

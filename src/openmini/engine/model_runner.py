@@ -67,6 +67,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
+        is_decode: list[bool] = []
         seq_lens: list[int] = []
         block_tables: list[list[int]] = []
         logits_indices: list[int] = []
@@ -78,6 +79,7 @@ class ModelRunner:
             input_ids.extend(req.token_ids_slice(start, end))
             positions.extend(range(start, end))
             query_lens.append(k)
+            is_decode.append(k == 1 and start >= req.num_prompt_tokens)
             seq_lens.append(end)
             block_tables.append(block_ids_of(req.request_id))
             offset += k
@@ -86,7 +88,7 @@ class ModelRunner:
                 sampling.append(req)
 
         meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, self.block_size,
-                                       device=torch.device("cpu"))
+                                       device=torch.device("cpu"), is_decode=is_decode)
         ids_t = torch.tensor(input_ids, dtype=torch.long)  # [T]
         pos_t = torch.tensor(positions, dtype=torch.long)  # [T]
         if not sampling:

@@ -13,7 +13,11 @@ Per step (``schedule``), under a token budget of ``max_num_batched_tokens``:
    from its prompt + output tokens) until the current one fits.
 2. If nothing was preempted, waiting requests are admitted first come first served while
    budget and ``max_num_seqs`` allow; their prefix-cache hits count as computed. Long
-   prompts are chunked by the budget (chunked prefill).
+   prompts are chunked (chunked prefill) on a fixed grid of ``prefill_chunk_size`` tokens
+   counted from the sequence start: a prefill step always runs up to the next multiple of
+   the grid (or the prompt's end), or waits for a step with room. Chunk boundaries, and so
+   the numerics of a prompt's prefill, then depend on the prompt alone, never on what else
+   is running (batch invariance: same tokens alone or batched).
 
 ``update_from_output`` then advances ``num_computed_tokens``, registers newly full blocks in
 the prefix cache, advances each request's grammar (``request.grammar``: ``accept_token`` /
@@ -92,6 +96,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        budget = scheduler_config.max_num_batched_tokens
+        # default: room for one decode token per running sequence, so a chunk always fits
+        # beside a full set of decodes (and at least half the budget goes to prefill)
+        chunk = scheduler_config.prefill_chunk_size or max(budget // 2, budget - scheduler_config.max_num_seqs)
+        self.prefill_chunk_size = max(1, min(chunk, budget))
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -191,6 +200,13 @@ class Scheduler:
         self._finished_ids = []
         budget = self.config.max_num_batched_tokens
 
+        def tokens_for(req: Request, start: int) -> int:
+            """Tokens to schedule from ``start``: up to the next chunk boundary or the end;
+            0 when they do not fit in what is left of the budget."""
+            grid = self.prefill_chunk_size
+            k = min(req.num_tokens, (start // grid + 1) * grid) - start
+            return k if k <= budget else 0
+
         def add(req: Request, k: int) -> None:
             out.scheduled.append((req, k))
             out.num_scheduled_tokens[req.request_id] = k
@@ -201,7 +217,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            k = min(req.num_tokens - req.num_computed_tokens, budget)
+            k = tokens_for(req, req.num_computed_tokens)
+            if k == 0:  # its next chunk waits for a step with room
+                i += 1
+                continue
             if not self._allocate_or_preempt(req, k, out.preempted_ids):
                 break  # req preempted itself; every request after it is gone too
             add(req, k)
@@ -219,8 +238,8 @@ class Scheduler:
                     skipped.append(req)  # wait for the sibling; do not block others
                     continue
                 hit_blocks, num_hit = self.kv.get_computed_blocks(req)
-                k = min(req.num_tokens - num_hit, budget)
-                if not self.kv.allocate_slots(req, k, hit_blocks):
+                k = tokens_for(req, num_hit)
+                if k == 0 or not self.kv.allocate_slots(req, k, hit_blocks):
                     self.waiting.appendleft(req)
                     break
                 if req.num_cached_tokens < 0:

@@ -35,6 +35,32 @@ import torch.nn.functional as F
 from openmini.config import ModelConfig
 
 
+@dataclass(frozen=True)
+class RowSplit:
+    """Which rows of one step's flat token batch are decode rows and which are prefill rows.
+
+    With native kernels, quantized layers compute decode rows (one new token of a sequence)
+    with the weight-only kernels and prefill rows with a dequantized float32 GEMM of at
+    least 17 (``quantization.GEMM_MIN_ROWS + 1``) rows (MKL's sgemm gives a row the same result for any row
+    count from 17 up, measured; fewer rows take other code paths). A row's numerics then
+    depend on its own kind only, never on what else shares the step: the same request gives
+    the same tokens alone or batched (batch invariance).
+
+    Attributes:
+        num_rows: T, rows of the batch.
+        decode_range: ``(start, end)`` of the decode rows when they are contiguous (``(0, 0)``
+            when there are none), else None.
+        decode_index: [T_dec] int64 decode rows when not contiguous, else None.
+        prefill_index: [T - T_dec] int64 prefill rows when the decode rows are not
+            contiguous, else None.
+    """
+
+    num_rows: int
+    decode_range: tuple[int, int] | None
+    decode_index: torch.Tensor | None = None
+    prefill_index: torch.Tensor | None = None
+
+
 @dataclass
 class PrefillPlan:
     """Per-step precomputed layout of one prefill chunk (query length > 1).
@@ -80,6 +106,8 @@ class AttentionMetadata:
         decode_mask: [B_dec, 1, 1, L_blocks * block_size] bool padding mask (True = valid)
             when several sequences decode, else None.
         prefills: one ``PrefillPlan`` per sequence with query length > 1.
+        decode_seq_index: [B_dec] int64 batch index of each decoding sequence.
+        row_split: decode rows vs prefill rows, for the quantized layers (``RowSplit``).
     """
 
     slot_mapping: torch.Tensor
@@ -98,6 +126,8 @@ class AttentionMetadata:
     decode_seq_len: int = 0
     decode_mask: torch.Tensor | None = None
     prefills: list[PrefillPlan] = field(default_factory=list)
+    decode_seq_index: torch.Tensor | None = None
+    row_split: RowSplit | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -112,6 +142,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        is_decode: list[bool] | None = None,
     ) -> "AttentionMetadata":
         """Build the metadata (and every per-step index tensor) for one step.
 
@@ -121,6 +152,10 @@ class AttentionMetadata:
             block_tables: block ids per sequence; at least ``ceil(seq_len / block_size)``.
             block_size: tokens per KV block.
             device: device of the index tensors.
+            is_decode: per sequence, whether its token is a decode (a sampled token fed
+                back) rather than part of a prompt; default: query length 1. A one-token
+                prompt piece (e.g. after a prefix-cache hit) then runs as a prefill, with
+                the same numerics as when that prompt is computed in one piece.
 
         Returns:
             The metadata; the flat batch has ``sum(query_lens)`` tokens, sequence ``b``'s
@@ -152,7 +187,9 @@ class AttentionMetadata:
                     f"with block_size {block_size}"
                 )
             slots.extend(bt[p // block_size] * block_size + p % block_size for p in range(s - q, s))
-            if q == 1:
+            if (q == 1) if is_decode is None else is_decode[b]:
+                if q != 1:
+                    raise ValueError(f"sequence {b}: a decode has query length 1, got {q}")
                 dec_rows.append(starts[-1])
                 dec_seqs.append(b)
             else:
@@ -177,10 +214,18 @@ class AttentionMetadata:
             decode_only=B > 0 and not prefill_seqs,
             max_seq_len=max(seq_lens, default=0),
         )
+        T = starts[-1]
+        md.row_split = RowSplit(T, (0, 0))
         if dec_seqs:
             md.decode_token_index = tensor(dec_rows)
+            md.decode_seq_index = tensor(dec_seqs)
             if dec_rows == list(range(dec_rows[0], dec_rows[0] + len(dec_rows))):
                 md.decode_token_range = (dec_rows[0], dec_rows[0] + len(dec_rows))
+                md.row_split = RowSplit(T, md.decode_token_range)
+            else:
+                is_decode = set(dec_rows)
+                prefill_rows = [t for t in range(T) if t not in is_decode]
+                md.row_split = RowSplit(T, None, md.decode_token_index, tensor(prefill_rows))
             n_blocks = max(-(-seq_lens[b] // block_size) for b in dec_seqs)
             md.decode_block_index = tensor(
                 [padded[b][i] if i < len(block_tables[b]) else 0 for b in dec_seqs for i in range(n_blocks)]
@@ -241,6 +286,7 @@ def paged_attention(
     kv_cache: torch.Tensor,
     md: AttentionMetadata,
     scale: float,
+    include_decode: bool = True,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache and attend causally over each sequence's context.
 
@@ -254,6 +300,8 @@ def paged_attention(
         kv_cache: [2, num_blocks, block_size, Hkv, D] of this layer (updated in place).
         md: step layout from ``AttentionMetadata.build``.
         scale: softmax scale (1.0 when q is pre-scaled).
+        include_decode: False leaves the decode rows of the output unset (the caller
+            attends them with the native kernel).
 
     Returns:
         [T, H, D] attention output in q's dtype.
@@ -264,7 +312,7 @@ def paged_attention(
         return _decode(q, kv_cache, md, scale)
     gqa = H != kv.shape[2]
     out = q.new_empty(T, H, D)
-    if md.decode_token_index is not None:
+    if md.decode_token_index is not None and include_decode:
         if md.decode_token_range is not None:
             a, b = md.decode_token_range
             out[a:b] = _decode(q[a:b], kv_cache, md, scale)
@@ -274,14 +322,44 @@ def paged_attention(
     # SDPA gets 4-D inputs: with 3-D ones torch 2.13 falls back to its slow math kernel
     for p in md.prefills:
         qs = q[p.token_start : p.token_end].transpose(0, 1)[None]  # [1, H, q, D]
-        if p.block_index is None:
+        n = p.token_end - p.token_start
+        pad = _query_padding(n)
+        if p.block_index is None and not pad:
             kvs = kv[p.token_start : p.token_end].permute(1, 2, 0, 3)[:, None]  # [2, 1, Hkv, q, D]
             o = F.scaled_dot_product_attention(qs, kvs[0], kvs[1], is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            kvs = _gather(kv_cache, p.block_index, p.seq_len).to(q.dtype)  # [2, 1, Hkv, S, D]
-            o = F.scaled_dot_product_attention(qs, kvs[0], kvs[1], attn_mask=p.mask, scale=scale, enable_gqa=gqa)
+            if p.block_index is None:
+                kvs = kv[p.token_start : p.token_end].permute(1, 2, 0, 3)[:, None]  # [2, 1, Hkv, q, D]
+                mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()  # [q, q]
+            else:
+                kvs = _gather(kv_cache, p.block_index, p.seq_len).to(q.dtype)  # [2, 1, Hkv, S, D]
+                mask = p.mask  # [q, S]
+            if pad:  # repeat the last query (and its mask row): see _query_padding
+                rows = torch.cat([torch.arange(n), torch.full((pad,), n - 1)])
+                qs, mask = qs[:, :, rows], mask[rows]
+            o = F.scaled_dot_product_attention(qs, kvs[0], kvs[1], attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = o[:, :, :n]
         out[p.token_start : p.token_end] = o[0].transpose(0, 1)  # [q, H, D]
     return out
+
+
+_SDPA_Q_BLOCK = 32
+"""Query block of torch's CPU flash-attention kernel (torch 2.13, measured)."""
+_SDPA_MIN_TAIL = 4
+"""A last query block of fewer rows than this takes another code path that rounds differently."""
+
+
+def _query_padding(num_queries: int) -> int:
+    """Extra (repeated) query rows that keep SDPA's last query block at >= 4 rows.
+
+    torch 2.13's CPU flash attention computes queries in blocks of 32; a last block of 1-3
+    rows rounds differently from the same rows in a fuller block (measured: up to 5e-7).
+    Padding such blocks makes a prompt row's attention output independent of how the prompt
+    was split into chunks or how much of it came from the prefix cache (batch invariance;
+    tests/test_batch_invariance.py checks it end to end).
+    """
+    tail = num_queries % _SDPA_Q_BLOCK
+    return _SDPA_MIN_TAIL - tail if 0 < tail < _SDPA_MIN_TAIL else 0
 
 
 def _gather(kv_cache: torch.Tensor, block_index: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmini.config import ModelConfig
-from openmini.models.attention import AttentionMetadata, paged_attention
+from openmini.models.attention import AttentionMetadata, RowSplit, paged_attention
 
 
 class RMSNorm(nn.Module):
@@ -311,11 +311,12 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in] -> [T, out] float32."""
+    def forward(self, x: torch.Tensor, rows: RowSplit | None = None) -> torch.Tensor:
+        """x: [T, in] -> [T, out] float32. ``rows`` (decode vs prefill rows) is used by the
+        quantized versions only."""
         return F.linear(x.float(), self.weight, self.bias)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, rows: RowSplit | None = None) -> torch.Tensor:
         """``residual + self(x)`` as one fused ``addmm``. Shapes: [T, in], [T, out] float32."""
         if self.bias is not None:
             return torch.addmm(residual + self.bias, x.float(), self.weight.t())
@@ -335,15 +336,15 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         self.kernels = None  # native kernels, set by quantization.apply_weight_format
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, rows: RowSplit | None = None) -> torch.Tensor:
         """x: [T, d] (normed), residual: [T, d] float32 -> residual + mlp(x): [T, d] float32."""
-        gate_up = self.gate_up_proj.forward(x)  # [T, 2I]
+        gate_up = self.gate_up_proj.forward(x, rows)  # [T, 2I]
         if self.kernels is not None and gate_up.dtype == torch.float32 and gate_up.is_contiguous():
             h = self.kernels.silu_mul(gate_up, self.intermediate_size)  # [T, I]
         else:
             gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, I] each
             h = F.silu(gate).mul_(up)
-        return self.down_proj.forward_add(h, residual)
+        return self.down_proj.forward_add(h, residual, rows)
 
 
 class Attention(nn.Module):
@@ -396,16 +397,26 @@ class Attention(nn.Module):
         """
         T = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj.forward(x).float()  # [T, (H + 2Hkv) * D]
+        md = attn_metadata
+        rows = md.row_split
+        qkv = self.qkv_proj.forward(x, rows).float()  # [T, (H + 2Hkv) * D]
         kernels = self.kernels
-        if kernels is not None and attn_metadata.decode_only and kernels.supports_decode(qkv, kv_cache):
-            md = attn_metadata  # native: RoPE + cache write + paged attention in one call
+        native = kernels is not None and kernels.supports_decode(qkv, kv_cache)
+        if native and md.decode_only:
+            # RoPE + cache write + paged attention in one call
             out = kernels.paged_decode(qkv, rope.pairs, kv_cache, md.slot_mapping, md.block_tables, md.seq_lens, H, 1.0)
         else:
-            qkv = apply_rotary(qkv.view(T, H + 2 * Hkv, D), rope.qkv)  # q, k rotated; v unchanged
-            kv = qkv[:, H:].view(T, 2, Hkv, D)  # [T, 2, Hkv, D]
-            out = paged_attention(qkv[:, :H], kv, kv_cache, attn_metadata, 1.0)  # [T, H, D]
-        return self.o_proj.forward_add(out.view(T, self.q_size), residual)
+            split = native and md.decode_seq_index is not None  # decode rows: same kernel as alone
+            rotated = apply_rotary(qkv.view(T, H + 2 * Hkv, D), rope.qkv)  # q, k rotated; v unchanged
+            kv = rotated[:, H:].view(T, 2, Hkv, D)  # [T, 2, Hkv, D]
+            out = paged_attention(rotated[:, :H], kv, kv_cache, md, 1.0, include_decode=not split)  # [T, H, D]
+            if split:
+                dec, seqs = md.decode_token_index, md.decode_seq_index
+                out[dec] = kernels.paged_decode(
+                    qkv.index_select(0, dec), rope.pairs.index_select(0, dec), kv_cache,
+                    md.slot_mapping.index_select(0, dec), md.block_tables.index_select(0, seqs),
+                    md.seq_lens.index_select(0, seqs), H, 1.0)  # rewrites the decode rows' K/V too
+        return self.o_proj.forward_add(out.view(T, self.q_size), residual, rows)
 
 
 class DecoderLayer(nn.Module):
@@ -428,7 +439,7 @@ class DecoderLayer(nn.Module):
         """x: [T, d] residual stream -> [T, d] residual stream after this layer."""
         # submodules are called through .forward: nn.Module.__call__ costs microseconds per call
         x = self.self_attn.forward_add(self.input_layernorm.forward(x), x, rope, attn_metadata, kv_cache)
-        return self.mlp.forward_add(self.post_attention_layernorm.forward(x), x)
+        return self.mlp.forward_add(self.post_attention_layernorm.forward(x), x, attn_metadata.row_split)
 
 
 def bind_attributes(model: nn.Module) -> None:

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openmini.models.attention import RowSplit
 from openmini.models.layers import Linear
 
 _log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ _NATIVE_SRC = r"""
 /* below this many multiply-adds a kernel runs on the calling thread only: waking the
    OpenMP team costs microseconds, and much more when another process holds the other core */
 #define PARALLEL_MIN_WORK (1 << 16)
+/* decode attention splits each sequence into pieces of this many context tokens */
+#define DECODE_SPLIT_TOKENS 256
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -234,21 +237,17 @@ static int alloc_x(int M, int K, int16_t** xq, float** dx, float** xs) {
     _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(xr))), \
                                         _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)((xr) + 16)))))
 
-/* sum_g sr[g] * dx[g] * dot_g for one activation row; two accumulators break the FMA chain */
+/* sum_g sr[g] * dx[g] * dot_g for one activation row, with exactly the operations (and
+   their order) ROW4_LOOP does for each of its rows: a row's result never depends on how
+   many rows the call has or where the row sits (batch invariance) */
 #define ROW1_LOOP(UNPACK)                                                               \
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                          \
-    int g = 0;                                                                          \
-    for (; g + 2 <= G; g += 2) {                                                        \
-        { UNPACK(wr, g, w0, w1);                                                        \
-          a0 = _mm256_fmadd_ps(_mm256_set1_ps(sr[g] * dx0[g]), GROUP_DOT(w0, w1, x0 + 32 * g), a0); } \
-        { UNPACK(wr, g + 1, w0, w1);                                                    \
-          a1 = _mm256_fmadd_ps(_mm256_set1_ps(sr[g + 1] * dx0[g + 1]), GROUP_DOT(w0, w1, x0 + 32 * (g + 1)), a1); } \
-    }                                                                                   \
-    for (; g < G; g++) {                                                                \
+    __m256 a0 = _mm256_setzero_ps();                                                    \
+    for (int g = 0; g < G; g++) {                                                       \
         UNPACK(wr, g, w0, w1);                                                          \
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(sr[g] * dx0[g]), GROUP_DOT(w0, w1, x0 + 32 * g), a0); \
+        const __m256 sg = _mm256_set1_ps(sr[g]);                                        \
+        a0 = _mm256_fmadd_ps(_mm256_mul_ps(sg, _mm256_broadcast_ss(dx0 + g)), GROUP_DOT(w0, w1, x0 + 32 * g), a0); \
     }                                                                                   \
-    const float dot = hsum8(_mm256_add_ps(a0, a1))
+    const float dot = hsum8(a0)
 
 #define ROW4_LOOP(UNPACK)                                                               \
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                          \
@@ -521,18 +520,30 @@ int om_paged_decode(const float* qkv, int64_t qkv_stride, const float* rope, con
     }
     const int G = H / Hkv;
     /* element offset of every context token's row, per sequence (shared by its heads) */
-    int64_t S_total = 0, S_max = 0;
-    for (int b = 0; b < B; b++) { S_total += seq_lens[b]; S_max = seq_lens[b] > S_max ? seq_lens[b] : S_max; }
+    int64_t S_total = 0;
+    for (int b = 0; b < B; b++) S_total += seq_lens[b];
     int64_t* offs = (int64_t*)malloc(sizeof(int64_t) * (size_t)(S_total + 1));
     int64_t* starts = (int64_t*)malloc(sizeof(int64_t) * (size_t)(B + 1));
-    /* work item = (sequence, KV head, token split); enough items to keep every thread busy */
-    const int threads = omp_get_max_threads();
-    int nsplit = (4 * threads + B * Hkv - 1) / (B * Hkv);
-    const int max_split = (int)(S_max / 128) > 1 ? (int)(S_max / 128) : 1;
-    nsplit = nsplit < max_split ? nsplit : max_split;
-    const int items = B * Hkv * nsplit;
-    float* part = (float*)malloc(sizeof(float) * (size_t)items * G * (D + 2));  /* o [G, D], m [G], l [G] */
-    if (!offs || !starts || !part) { free(offs); free(starts); free(part); free(qr); return 1; }
+    /* work item = (sequence, KV head, token split). A sequence is split into pieces of
+       DECODE_SPLIT_TOKENS tokens, a count that depends on its own length only, so its
+       result is the same whatever else is in the batch (batch invariance). */
+    int* nsplit = (int*)malloc(sizeof(int) * (size_t)(B + 1));
+    int* first = (int*)malloc(sizeof(int) * (size_t)(B + 1));
+    int items = 0;
+    for (int b = 0; b < B && nsplit && first; b++) {
+        const int64_t pieces = (seq_lens[b] + DECODE_SPLIT_TOKENS - 1) / DECODE_SPLIT_TOKENS;
+        nsplit[b] = pieces > 1 ? (int)pieces : 1;
+        first[b] = items;
+        items += Hkv * nsplit[b];
+    }
+    int* item_seq = (int*)malloc(sizeof(int) * (size_t)(items + 1));
+    float* part = (float*)malloc(sizeof(float) * (size_t)(items + 1) * G * (D + 2));  /* o [G, D], m [G], l [G] */
+    if (!offs || !starts || !part || !nsplit || !first || !item_seq) {
+        free(offs); free(starts); free(part); free(nsplit); free(first); free(item_seq); free(qr);
+        return 1;
+    }
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < Hkv * nsplit[b]; i++) item_seq[first[b] + i] = b;
     starts[0] = 0;
     for (int b = 0; b < B; b++) {
         const int64_t* bt = block_tables + (size_t)b * max_blocks;
@@ -542,9 +553,10 @@ int om_paged_decode(const float* qkv, int64_t qkv_stride, const float* rope, con
     int failed = 0;
     #pragma omp parallel for schedule(dynamic, 1) if (S_total * Hkv * D >= PARALLEL_MIN_WORK / 8)
     for (int it = 0; it < items; it++) {
-        const int b = it / (Hkv * nsplit), h = (it / nsplit) % Hkv, sp = it % nsplit;
+        const int b = item_seq[it], h = (it - first[b]) / nsplit[b], sp = (it - first[b]) % nsplit[b];
         const int64_t S = seq_lens[b];
-        const int64_t t0 = S * sp / nsplit, t1 = S * (sp + 1) / nsplit;
+        const int64_t t0 = (int64_t)sp * DECODE_SPLIT_TOKENS;
+        const int64_t t1 = t0 + DECODE_SPLIT_TOKENS < S ? t0 + DECODE_SPLIT_TOKENS : S;
         float* pw = part + (size_t)it * G * (D + 2);
         const float* q = qr + ((size_t)b * H + (size_t)h * G) * D;
         const char* kh = kc + (size_t)h * D * es;
@@ -565,16 +577,16 @@ int om_paged_decode(const float* qkv, int64_t qkv_stride, const float* rope, con
     for (int b = 0; b < B && !failed; b++) {
         for (int h = 0; h < Hkv; h++) {
             for (int g = 0; g < G; g++) {
-                const float* p0 = part + (size_t)((b * Hkv + h) * nsplit) * G * (D + 2);
+                const float* p0 = part + (size_t)(first[b] + h * nsplit[b]) * G * (D + 2);
                 float M = -INFINITY;
-                for (int sp = 0; sp < nsplit; sp++) {
+                for (int sp = 0; sp < nsplit[b]; sp++) {
                     const float mi = p0[(size_t)sp * G * (D + 2) + G * D + g];
                     M = mi > M ? mi : M;
                 }
                 float* o = out + ((size_t)b * H + (size_t)h * G + g) * D;
                 float L = 0.f;
                 for (int d = 0; d < D; d++) o[d] = 0.f;
-                for (int sp = 0; sp < nsplit; sp++) {
+                for (int sp = 0; sp < nsplit[b]; sp++) {
                     const float* pi = p0 + (size_t)sp * G * (D + 2);
                     const float li = pi[G * D + G + g];
                     if (li == 0.f) continue;
@@ -588,6 +600,9 @@ int om_paged_decode(const float* qkv, int64_t qkv_stride, const float* rope, con
         }
     }
     free(part);
+    free(item_seq);
+    free(first);
+    free(nsplit);
     free(starts);
     free(offs);
     free(qr);
@@ -769,16 +784,75 @@ class BF16Linear(nn.Module):
         self.weight = linear.weight.detach().to(torch.bfloat16)  # [out, in]
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in] -> [T, out] (bfloat16 without bias, else float32)."""
+    def forward(self, x: torch.Tensor, rows: RowSplit | None = None) -> torch.Tensor:
+        """x: [T, in] -> [T, out] (bfloat16 without bias, else float32); ``rows`` unused."""
         return _bias_add(F.linear(x.to(torch.bfloat16), self.weight), self.bias)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, rows: RowSplit | None = None) -> torch.Tensor:
         """``residual += self(x)`` in place; returns residual [T, out] float32."""
         return residual.add_(self.forward(x))
 
 
-class Int8Linear(nn.Module):
+class _WeightOnlyLinear(nn.Module):
+    """Shared forward logic of the int8 / int4 layers (subclasses give ``_native``,
+    ``dequantized``, ``kernels``, ``bias``, ``out_features``, ``gemm_min_rows`` and
+    ``_torch_kernel`` for the torch backend)."""
+
+    def forward(self, x: torch.Tensor, rows: RowSplit | None = None) -> torch.Tensor:
+        """x: [T, in] -> [T, out] (float32; bfloat16 for the torch kernel without bias).
+
+        ``rows`` (native backend): decode rows run the weight-only kernel, prefill rows a
+        padded GEMM (see ``RowSplit``). Without it the kernel is chosen by row count:
+        native up to ``gemm_min_rows`` rows, GEMM above.
+        """
+        M = x.shape[0]
+        if self.kernels is None:
+            if M > self.gemm_min_rows:
+                return _dequantized_gemm(x, self.dequantized(), self.bias)
+            return _bias_add(self._torch_kernel(x), self.bias)
+        if rows is None or self.gemm_min_rows > GEMM_MIN_ROWS:  # no plan, or the LM head
+            if M > self.gemm_min_rows:
+                return _dequantized_gemm(x, self.dequantized(), self.bias)
+            return self._native(x, torch.empty(M, self.out_features), 0)
+        if rows.decode_range is not None:
+            s, e = rows.decode_range
+            if e - s == M:
+                return self._native(x, torch.empty(M, self.out_features), 0)
+            if e == s:
+                return self._prefill_gemm(x)
+            y = torch.empty(M, self.out_features)
+            self._native(x[s:e], y[s:e], 0)  # rows of a contiguous tensor: contiguous view
+            if s:
+                y[:s] = self._prefill_gemm(x[:s])
+            if e < M:
+                y[e:] = self._prefill_gemm(x[e:])
+            return y
+        y = torch.empty(M, self.out_features)
+        dec, pre = rows.decode_index, rows.prefill_index
+        y.index_copy_(0, dec, self._native(x.index_select(0, dec), torch.empty(dec.shape[0], self.out_features), 0))
+        y.index_copy_(0, pre, self._prefill_gemm(x.index_select(0, pre)))
+        return y
+
+    def _prefill_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """GEMM of prefill rows [P, in] -> [P, out], padded to ``GEMM_MIN_ROWS + 1`` rows."""
+        P = x.shape[0]
+        if P > GEMM_MIN_ROWS:
+            return _dequantized_gemm(x, self.dequantized(), self.bias)
+        padded = x.new_zeros(GEMM_MIN_ROWS + 1, x.shape[1])
+        padded[:P] = x
+        return _dequantized_gemm(padded, self.dequantized(), self.bias)[:P]
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, rows: RowSplit | None = None) -> torch.Tensor:
+        """``residual += self(x)`` in place; returns residual [T, out] float32 (contiguous)."""
+        M = x.shape[0]
+        if self.kernels is not None and residual.is_contiguous():
+            all_decode = rows is not None and rows.decode_range == (0, M)
+            if all_decode or (rows is None and M <= self.gemm_min_rows):
+                return self._native(x, residual, 1)
+        return residual.add_(self.forward(x, rows))
+
+
+class Int8Linear(_WeightOnlyLinear):
     """Weight-only int8 linear layer (symmetric, absmax / 127).
 
     Native backend: one float32 scale per group of 32 inputs (``scales`` [out, in/32]).
@@ -815,15 +889,8 @@ class Int8Linear(nn.Module):
             return w
         return self.weight.float().mul_(self.scales.float()[:, None])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in] -> [T, out] (float32; bfloat16 for the torch kernel without bias)."""
-        M = x.shape[0]
-        if M > self.gemm_min_rows:
-            return _dequantized_gemm(x, self.dequantized(), self.bias)
-        if self.kernels is None:
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
-            return _bias_add(y, self.bias)
-        return self._native(x, torch.empty(M, self.out_features), 0)
+    def _torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
 
     def _native(self, x: torch.Tensor, y: torch.Tensor, accumulate: int) -> torch.Tensor:
         x = x.float().contiguous()
@@ -835,14 +902,8 @@ class Int8Linear(nn.Module):
         )
         return y if self.bias is None else y.add_(self.bias)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual += self(x)`` in place; returns residual [T, out] float32 (contiguous)."""
-        if self.kernels is not None and x.shape[0] <= self.gemm_min_rows and residual.is_contiguous():
-            return self._native(x, residual, 1)
-        return residual.add_(self.forward(x))
 
-
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     """Weight-only int4 per group of 32 inputs: ``w = (q - 8) * scale + zero``, q in 0..15.
 
     Native backend: nibbles packed as in ``_NATIVE_SRC``, float32 ``scales`` and ``mins``
@@ -886,15 +947,8 @@ class Int4Linear(nn.Module):
             return w
         return torch.addcmul(self.zero_f32, self.q_centered.float(), self.scale_f32).view(N, K)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in] -> [T, out] (float32; bfloat16 for the torch kernel without bias)."""
-        M = x.shape[0]
-        if M > self.gemm_min_rows:
-            return _dequantized_gemm(x, self.dequantized(), self.bias)
-        if self.kernels is None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, GROUP, self.scales_zeros)
-            return _bias_add(y, self.bias)
-        return self._native(x, torch.empty(M, self.out_features), 0)
+    def _torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, GROUP, self.scales_zeros)
 
     def _native(self, x: torch.Tensor, y: torch.Tensor, accumulate: int) -> torch.Tensor:
         x = x.float().contiguous()
@@ -905,12 +959,6 @@ class Int4Linear(nn.Module):
             )
         )
         return y if self.bias is None else y.add_(self.bias)
-
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual += self(x)`` in place; returns residual [T, out] float32 (contiguous)."""
-        if self.kernels is not None and x.shape[0] <= self.gemm_min_rows and residual.is_contiguous():
-            return self._native(x, residual, 1)
-        return residual.add_(self.forward(x))
 
 
 class Int8Embedding(nn.Module):
