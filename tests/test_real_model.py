@@ -85,18 +85,14 @@ def test_batched_equals_alone_fp32(llm_fp32):
     assert together == alone
 
 
-def test_batched_vs_alone_agreement_default_mode(llm_auto, capsys):
-    """bf16 batched GEMMs may round differently from batch 1: report token agreement."""
+def test_batched_equals_alone_default_mode(llm_auto):
+    """The default (quantized) mode is batch invariant on AVX2 CPUs: the same token ids
+    batched and alone (docs/architecture.md, "Batch invariance"). Without the native kernels,
+    or on AMX / AVX512-BF16 CPUs (prefill GEMMs in oneDNN bf16), invariance is not
+    established: there the test only requires most first tokens to agree."""
+    from openmini.models.quantization import cpu_has_fast_bf16
     together, alone = _batch_vs_alone(llm_auto, 24)
-    same = sum(a == b for ta, tb in zip(together, alone) for a, b in zip(ta, tb))
-    total = sum(len(t) for t in alone)
-    identical = sum(ta == tb for ta, tb in zip(together, alone))
-    with capsys.disabled():
-        print(f"\n[default mode] batched vs alone: {identical}/8 sequences identical, "
-              f"{same}/{total} token positions agree")
-    firsts = sum(ta[0] == tb[0] for ta, tb in zip(together, alone))
-    with capsys.disabled():
-        print(f"[default mode] first tokens agree for {firsts}/8 prompts")
-    # rounding may flip a near-tie, but most first tokens and most positions must agree
-    assert firsts >= 6
-    assert same >= total // 2
+    if llm_auto.engine.model.native_kernels and not cpu_has_fast_bf16():
+        assert together == alone
+    else:
+        assert sum(ta[0] == tb[0] for ta, tb in zip(together, alone)) >= 6
