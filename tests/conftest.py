@@ -47,3 +47,38 @@ def qwen_gguf() -> Path:
     from openmini.loaders import registry
 
     return registry.pull("qwen2.5-coder-0.5b-instruct", progress=False)
+
+
+# ---- the server fixtures of the HTTP test modules ------------------------------------
+# A module defines an ``engine`` fixture (and MODEL, the served model name; optionally
+# CLIENT_TIMEOUT in seconds); these give it a live server and clients over real HTTP.
+
+
+@pytest.fixture(scope="module")
+def server(request):
+    """``ServerThread`` over the module's ``engine`` fixture, serving it as ``MODEL``."""
+    from openmini.api import ServerSettings
+    from server_utils import ServerThread
+
+    engine = request.getfixturevalue("engine")
+    with ServerThread(engine, ServerSettings(served_model_name=request.module.MODEL)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server, request):
+    """The official ``openai`` client (strict response validation, no retries)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
+                         _strict_response_validation=True,
+                         timeout=getattr(request.module, "CLIENT_TIMEOUT", 120))
+
+
+@pytest.fixture(scope="module")
+def http(server, request):
+    """A raw ``httpx`` client on the server's ``/v1`` base URL."""
+    import httpx
+
+    with httpx.Client(base_url=server.base_url, timeout=getattr(request.module, "CLIENT_TIMEOUT", 120)) as c:
+        yield c

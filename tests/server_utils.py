@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -105,3 +106,19 @@ class ServeProcess:
             rc = self.proc.wait()
         self.output = self.proc.stdout.read()
         return rc
+
+
+@contextlib.contextmanager
+def running_engine(model, *, max_model_len: int, dtype: str = "float32",
+                   num_blocks: int | None = None, kv_cache_memory: int | None = None):
+    """An ``AsyncEngine`` on ``model`` (path or name) for a test module; shut down after."""
+    from openmini.config import CacheConfig, EngineConfig
+    from openmini.engine.async_engine import AsyncEngine
+
+    cache = CacheConfig(num_blocks=num_blocks) if num_blocks else CacheConfig(kv_cache_memory=kv_cache_memory)
+    eng = AsyncEngine.from_config(EngineConfig(
+        model=str(model), dtype=dtype, max_model_len=max_model_len, cache=cache))
+    try:
+        yield eng
+    finally:
+        eng.shutdown()

@@ -18,9 +18,7 @@ import httpx
 import openai
 import pytest
 
-from openmini.api import ServerSettings
-from openmini.config import CacheConfig, EngineConfig
-from server_utils import ServerThread
+from server_utils import running_engine
 from sse_checks import check_chat_chunks, read_sse
 
 MAX_MODEL_LEN = 1024
@@ -53,30 +51,8 @@ class RecordingEngine:
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    from openmini.engine.async_engine import AsyncEngine
-    eng = AsyncEngine.from_config(EngineConfig(
-        model=str(tiny_llama.hf_dir), dtype="float32", max_model_len=MAX_MODEL_LEN,
-        cache=CacheConfig(num_blocks=512)))
-    yield RecordingEngine(eng)
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(engine, ServerSettings(served_model_name=MODEL)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
-                         _strict_response_validation=True)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=120) as c:
-        yield c
+    with running_engine(tiny_llama.hf_dir, max_model_len=MAX_MODEL_LEN, num_blocks=512) as eng:
+        yield RecordingEngine(eng)
 
 
 @pytest.fixture(scope="module")

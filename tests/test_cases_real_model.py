@@ -14,14 +14,13 @@ import httpx
 import openai
 import pytest
 
-from openmini.api import ServerSettings
-from openmini.config import CacheConfig, EngineConfig
-from server_utils import ServerThread
+from server_utils import running_engine
 from sse_checks import check_chat_chunks, read_sse
 from test_cases_chat import RecordingEngine
 
 pytestmark = pytest.mark.real_model
 
+CLIENT_TIMEOUT = 300
 MODEL = "smollm2-135m-instruct"
 MAX_MODEL_LEN = 2048
 DTYPE = os.environ.get("OPENMINI_TEST_DTYPE", "auto")
@@ -32,30 +31,8 @@ cases in the exact mode."""
 
 @pytest.fixture(scope="module")
 def engine(smollm2_gguf):
-    from openmini.engine.async_engine import AsyncEngine
-    eng = AsyncEngine.from_config(EngineConfig(
-        model=str(smollm2_gguf), dtype=DTYPE, max_model_len=MAX_MODEL_LEN,
-        cache=CacheConfig(kv_cache_memory=128 << 20)))
-    yield RecordingEngine(eng)
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(engine, ServerSettings(served_model_name=MODEL)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
-                         _strict_response_validation=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=300) as c:
-        yield c
+    with running_engine(smollm2_gguf, dtype=DTYPE, max_model_len=MAX_MODEL_LEN, kv_cache_memory=128 << 20) as eng:
+        yield RecordingEngine(eng)
 
 
 def user(text: str) -> list[dict]:

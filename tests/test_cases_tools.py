@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 from enum import Enum
 
-import httpx
 import jsonschema
 import openai
 import pytest
 from openai import pydantic_function_tool
 from pydantic import BaseModel, Field
 
-from openmini.api import ServerSettings
-from openmini.config import CacheConfig, EngineConfig
-from server_utils import ServerThread
+from server_utils import running_engine
 from sse_checks import read_sse
 from test_cases_chat import RecordingEngine
 
@@ -46,30 +43,8 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER,
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    from openmini.engine.async_engine import AsyncEngine
-    eng = AsyncEngine.from_config(EngineConfig(
-        model=str(tiny_llama.hf_dir), dtype="float32", max_model_len=2048,
-        cache=CacheConfig(num_blocks=512)))
-    yield RecordingEngine(eng)
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(engine, ServerSettings(served_model_name=MODEL)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
-                         _strict_response_validation=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=120) as c:
-        yield c
+    with running_engine(tiny_llama.hf_dir, max_model_len=2048, num_blocks=512) as eng:
+        yield RecordingEngine(eng)
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +165,6 @@ def test_c06_parallel_calls_numbered(client, http, no_eos):
     assert one.usage.completion_tokens < ns.usage.completion_tokens
     assert len(check_calls(one.choices[0].message)) == 1
     assert one.choices[0].finish_reason == "tool_calls"
-
-
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

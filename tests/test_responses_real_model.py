@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import json
 
-import httpx
-import openai
 import pytest
 from pydantic import BaseModel
 
-from openmini.api import ServerSettings
-from openmini.config import CacheConfig, EngineConfig
-from server_utils import ServerThread
+from server_utils import running_engine
 from test_responses_api import EndingEngine, check_response_events, read_response_sse
 
 pytestmark = pytest.mark.real_model
 
+CLIENT_TIMEOUT = 600
 MODEL = "smollm2-135m-instruct"
 WEATHER_TOOL = {
     "type": "function", "name": "get_weather",
@@ -35,30 +32,8 @@ WEATHER_TOOL = {
 
 @pytest.fixture(scope="module")
 def engine(smollm2_gguf):
-    from openmini.engine.async_engine import AsyncEngine
-    eng = AsyncEngine.from_config(EngineConfig(
-        model=str(smollm2_gguf), dtype="float32", max_model_len=2048,
-        cache=CacheConfig(kv_cache_memory=128 << 20)))
-    yield EndingEngine(eng, eos_bias=None)  # records prompts; sampling unchanged
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(engine, ServerSettings(served_model_name=MODEL)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
-                         _strict_response_validation=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=600) as c:
-        yield c
+    with running_engine(smollm2_gguf, max_model_len=2048, kv_cache_memory=128 << 20) as eng:
+        yield EndingEngine(eng, eos_bias=None)  # records prompts; sampling unchanged
 
 
 def test_three_turn_conversation_recalls_turn_one(client, engine):
