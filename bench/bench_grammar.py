@@ -10,9 +10,13 @@ Two measurements on a real model (default: the embedded SmolLM2-135M; ``--model`
 2. Grammar operations alone, per token, along a JSON output (one torch thread): fill the
    bitmask (llguidance), expand it to a bool mask, apply it to a row of logits (clone
    included), accept the token.
+3. Budget-aware closing (``openmini.structured.closing``): the time of one closing plan
+   at random points of JSON outputs, and the closer's cost per token over whole outputs
+   with a budget (plans are recomputed only now and then, so this is the figure that
+   adds to a decode step).
 
 Usage: ``python bench/bench_grammar.py [--model NAME|PATH] [--steps 16] [--rounds 5]
-[--threads 2]``.
+[--threads 2] [--skip-steps]``.
 Prints Markdown tables (docs/structured_outputs.md quotes them).
 """
 
@@ -119,6 +123,43 @@ def _grammar_ops_us(llm: LLM, tokens: int) -> dict[str, float]:
             "mask logits row": med(apply), "accept token": med(accept)}
 
 
+def closing_us(llm: LLM, outputs: int = 40, max_tokens: int = 96) -> dict[str, float]:
+    """Closing-plan cost along random walks through `SCHEMA` (llguidance work, single
+    threaded): the median and
+    90th percentile of one `plan_completion`, and the closer's mean µs per token (its
+    ``restriction`` calls summed over a budgeted output, divided by the output's tokens)."""
+    from openmini.structured.closing import JsonLexState, plan_completion
+    backend = llm.engine.structured
+    ll = backend.ll_tokenizer()
+    eos = set(backend.eos_token_ids)
+    rng = torch.Generator().manual_seed(1)
+    plans, per_token = [], []
+    for _ in range(outputs):
+        m = backend.new_matcher(JSON_SPEC, max_tokens=max_tokens)
+        spent, n = 0.0, 0
+        while not m.is_terminated() and n < max_tokens:
+            t0 = time.perf_counter()
+            m.closer.restriction(m._matcher)
+            spent += time.perf_counter() - t0
+            if not m.closer.closing:
+                t0 = time.perf_counter()
+                plan_completion(m._matcher, m.closer.lex, m.closer.vocab, ll, max_tokens)
+                plans.append(time.perf_counter() - t0)
+            mask = m.allowed_token_mask()
+            allowed = [t for t in mask.nonzero().squeeze(1).tolist() if t not in eos] or \
+                mask.nonzero().squeeze(1).tolist()
+            tok = allowed[int(torch.randint(len(allowed), (), generator=rng))]
+            assert m.accept_token(tok)
+            n += 1
+            if tok in eos:
+                break
+        per_token.append(spent / max(n, 1))
+    plans.sort()
+    return {"one plan, median": 1e6 * statistics.median(plans),
+            "one plan, p90": 1e6 * plans[int(0.9 * (len(plans) - 1))],
+            "closer per token (mean)": 1e6 * statistics.mean(per_token)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -126,6 +167,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--skip-steps", action="store_true",
+                    help="only the per-operation tables (no engine steps)")
     args = ap.parse_args()
     llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads,
               kv_cache_memory=256 << 20)
@@ -135,7 +178,7 @@ def main() -> None:
     print("| batch | unconstrained ms/step | any-text grammar ms/step (overhead) | "
           "JSON-schema grammar ms/step (overhead) |")
     print("|---|---|---|---|")
-    for batch in (1, 8):
+    for batch in (() if args.skip_steps else (1, 8)):
         decode_step_ms(llm, batch, 4, None)  # warm-up
         runs: dict[str, list[float]] = {"base": [], "free": [], "json": []}
         for _ in range(args.rounds):  # interleaved, so load changes hit every mode alike
@@ -151,6 +194,11 @@ def main() -> None:
     for name, us in ops.items():
         print(f"| {name} | {us:.0f} |")
     print(f"| total | {sum(ops.values()):.0f} |")
+    closing = closing_us(llm)
+    print("\n| budget-aware closing (1 thread) | µs |")
+    print("|---|---|")
+    for name, us in closing.items():
+        print(f"| {name} | {us:.0f} |")
 
 
 if __name__ == "__main__":

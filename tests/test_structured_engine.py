@@ -118,7 +118,7 @@ class _DeadGrammar(_RejectingGrammar):
 def test_broken_grammar_aborts_only_its_request(llm, monkeypatch, grammar_cls):
     engine = llm.engine
     size = engine.model_config.vocab_size
-    monkeypatch.setattr(engine.structured, "new_matcher", lambda spec: grammar_cls(size))
+    monkeypatch.setattr(engine.structured, "new_matcher", lambda spec, **kw: grammar_cls(size))
     engine.add_request("broken", [5, 6, 7], _params(temperature=0))
     engine.add_request("fine", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
     finals = {}

@@ -1,4 +1,4 @@
-"""The ``openmini`` command: pull | models | generate | serve | chat."""
+"""The ``openmini`` command: pull | models | generate | serve | chat | eval."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "chat":
         from openmini.entrypoints.chat_cli import main as chat_main
         return chat_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from openmini.evals.tasks import eval_main
+        return eval_main(argv[1:])
     from openmini.loaders.registry import DEFAULT_MODEL
     parser = argparse.ArgumentParser(prog="openmini", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_generate)
     sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (see `serve --help`)")
     sub.add_parser("chat", help="terminal chat (see `chat --help`)")
+    sub.add_parser("eval", help="run an evaluation task against a server: niah | mmlu | ifeval | graphwalks "
+                                "(see `eval TASK --help`)")
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -339,7 +339,8 @@ class Scheduler:
         ``min_tokens`` tokens exist (the sampler masks them before that, as in vLLM);
         a stop token sets ``stop_reason`` to its id. A stop token that is also the last
         allowed token reports "stop". A grammar (``req.grammar``) that admits no further
-        token (its output is complete) reports "stop" too. Then ``max_tokens`` and the
+        token (its output is complete) reports "stop" too, or "length" when the output
+        budget forced it closed early (valid but cut short). Then ``max_tokens`` and the
         context window (``max_len``) give "length".
         """
         params = req.sampling_params
@@ -350,6 +351,8 @@ class Scheduler:
                 req.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
         if req.grammar is not None and req.grammar.is_terminated():
+            if getattr(req.grammar, "closed_by_budget", False):
+                return RequestStatus.FINISHED_LENGTH
             return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_len:
             return RequestStatus.FINISHED_LENGTH

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from openmini.sampling_params import StructuredOutputSpec
+from openmini.structured.closing import PLAIN, BudgetCloser, ClosingVocab
 from openmini.structured.errors import StructuredOutputError
 from openmini.structured.llguidance_grammar import clean_error, spec_to_lark
 from openmini.tokenizer.tokenizer import Tokenizer
@@ -41,14 +42,22 @@ _SPECIAL_PREFIX = b"\xff"
 class GrammarMatcher:
     """The grammar state of one sequence.
 
+    With a ``closer`` (an output budget), the mask narrows near the end of the budget
+    (plain string content only, then one token at a time along a closing plan) so that the
+    output closes validly in time (see ``openmini.structured.closing``); without one the
+    mask is the grammar's alone.
+
     Args:
         matcher: an ``llguidance.LLMatcher`` at the start of the output (owned by this object).
         mask_size: number of token ids the mask covers (the model's logits width).
+        closer: the sequence's budget-aware closing state, or None.
     """
 
-    def __init__(self, matcher: llguidance.LLMatcher, mask_size: int):
+    def __init__(self, matcher: llguidance.LLMatcher, mask_size: int,
+                 closer: BudgetCloser | None = None):
         self._matcher = matcher
         self.mask_size = mask_size
+        self.closer = closer
         self._bitmask = np.zeros((mask_size + 31) // 32, dtype=np.int32)  # [ceil(V/32)]
 
     def fill_bitmask(self, out: np.ndarray) -> None:
@@ -64,7 +73,16 @@ class GrammarMatcher:
         if out.dtype != np.int32 or out.shape != self._bitmask.shape or \
                 not out.flags["C_CONTIGUOUS"]:
             raise ValueError(f"bitmask must be C-contiguous int32 {self._bitmask.shape}")
-        self._matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+        narrow = self.closer.restriction(self._matcher) if self.closer is not None else None
+        if narrow is None or narrow[0] == PLAIN:
+            self._matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+        if narrow is not None:
+            kind, token = narrow
+            if kind == PLAIN:  # near the end, inside a string: plain content only
+                np.bitwise_and(out, self.closer.vocab.plain_string_bits, out=out)
+            else:  # closing: only the plan's next token
+                out.fill(0)
+            out.view(np.uint32)[token >> 5] |= np.uint32(1 << (token & 31))
 
     def allowed_token_mask(self) -> torch.Tensor:
         """Bool ``[32 * ceil(V / 32)]`` mask of the tokens allowed next (True = allowed).
@@ -79,7 +97,16 @@ class GrammarMatcher:
     def accept_token(self, token_id: int) -> bool:
         """Advance by one sampled token. False (state unchanged for the caller's purposes:
         the token must not be appended) when the grammar rejects it."""
-        return bool(self._matcher.consume_token(int(token_id)))
+        ok = bool(self._matcher.consume_token(int(token_id)))
+        if ok and self.closer is not None:
+            self.closer.on_accept(int(token_id))
+        return ok
+
+    @property
+    def closed_by_budget(self) -> bool:
+        """True when the output budget forced a closing: the output is valid but cut short
+        (reported as ``finish_reason: "length"``, like any output ``max_tokens`` ended)."""
+        return self.closer is not None and self.closer.closed_early
 
     def is_terminated(self) -> bool:
         """True when no further token can follow (the output is complete, or it accepted
@@ -122,6 +149,7 @@ class LLGuidanceBackend:
         self.cache_size = cache_size
         self._lock = threading.Lock()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._closing_vocab: ClosingVocab | None = None
         self._cache: OrderedDict[StructuredOutputSpec, llguidance.LLMatcher] = OrderedDict()
 
     # ---- token view -----------------------------------------------------------------------
@@ -145,6 +173,9 @@ class LLGuidanceBackend:
             if i in special or _PAD_TOKEN_RE.match(b):
                 b = _SPECIAL_PREFIX + b
             tokens.append(b)
+        plain = [b"" if b.startswith(_SPECIAL_PREFIX) else b for b in tokens]
+        self._closing_vocab = ClosingVocab.from_token_bytes(plain, special, self.eos_token_ids[0],
+                                                            self.mask_size)
         view = _TokenView(tok, tokens, sorted(special), self.eos_token_ids[0])
         return llguidance.LLTokenizer(llguidance.TokenizerWrapper(view),
                                       n_vocab=self.mask_size, eos_token=self.eos_token_ids)
@@ -175,13 +206,29 @@ class LLGuidanceBackend:
                 self._cache.popitem(last=False)
         return matcher
 
-    def new_matcher(self, spec: StructuredOutputSpec) -> GrammarMatcher:
+    def new_matcher(self, spec: StructuredOutputSpec, max_tokens: int | None = None
+                    ) -> GrammarMatcher:
         """A fresh matcher for one sequence (each of n siblings needs its own).
+
+        Args:
+            spec: the structured output.
+            max_tokens: the sequence's output budget in tokens; with it the matcher closes
+                the output validly before the budget runs out whenever a closing fits
+                (``openmini.structured.closing``). None: the grammar's mask only.
 
         Raises:
             StructuredOutputError: the spec cannot be enforced.
         """
-        return GrammarMatcher(self.compile(spec).deep_copy(), self.mask_size)
+        compiled = self.compile(spec)
+        closer = None
+        if max_tokens is not None:
+            ll_tokenizer = self.ll_tokenizer()
+            assert self._closing_vocab is not None  # built with the token view
+            marker = spec.call_begin.rstrip().encode() if spec.tools else b""
+            free_text = spec.allow_answer and spec.answer is None
+            closer = BudgetCloser(self._closing_vocab, ll_tokenizer, max_tokens, marker,
+                                  may_force_end=not free_text)
+        return GrammarMatcher(compiled.deep_copy(), self.mask_size, closer)
 
     @property
     def num_cached(self) -> int:
