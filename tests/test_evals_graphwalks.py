@@ -141,15 +141,11 @@ def test_summary():
 @pytest.fixture(scope="module")
 def tiny_server(tiny_qwen2):
     from openmini.api import ServerSettings
-    from openmini.config import CacheConfig, EngineConfig
-    from openmini.engine.async_engine import AsyncEngine
-    from server_utils import ServerThread
+    from server_utils import ServerThread, running_engine
 
-    eng = AsyncEngine.from_config(EngineConfig(model=str(tiny_qwen2.hf_dir), dtype="float32",
-                                               max_model_len=4096, cache=CacheConfig(num_blocks=512)))
-    with ServerThread(eng, ServerSettings(served_model_name="tiny")) as srv:
+    with running_engine(tiny_qwen2.hf_dir, max_model_len=4096, num_blocks=512) as eng, \
+            ServerThread(eng, ServerSettings(served_model_name="tiny")) as srv:
         yield srv
-    eng.shutdown()
 
 
 def test_graphwalks_end_to_end(tiny_server, tmp_path, capsys):

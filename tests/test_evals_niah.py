@@ -139,15 +139,11 @@ def test_eval_cli_errors(capsys, monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_server(tiny_llama):
     from openmini.api import ServerSettings
-    from openmini.config import CacheConfig, EngineConfig
-    from openmini.engine.async_engine import AsyncEngine
-    from server_utils import ServerThread
+    from server_utils import ServerThread, running_engine
 
-    eng = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama.hf_dir), dtype="float32",
-                                               max_model_len=2048, cache=CacheConfig(num_blocks=512)))
-    with ServerThread(eng, ServerSettings(served_model_name="tiny")) as srv:
+    with running_engine(tiny_llama.hf_dir, max_model_len=2048, num_blocks=512) as eng, \
+            ServerThread(eng, ServerSettings(served_model_name="tiny")) as srv:
         yield srv
-    eng.shutdown()
 
 
 def test_niah_end_to_end(tiny_server, tmp_path, capsys, monkeypatch):
