@@ -416,3 +416,22 @@ def test_legacy_completion_stream_matches(client, http, no_eos):
     assert all(c["object"] == "text_completion" for c in chunks)
     assert "".join(c["choices"][0]["text"] for c in chunks) == r.choices[0].text
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_assistant_message_from_a_response_is_accepted_back(client, http, no_eos):
+    """OpenAI's documented loop ``messages.append(resp.choices[0].message)``: the returned
+    message (with ``annotations: []``, ``refusal: None``) is valid input for the next turn."""
+    messages = [{"role": "user", "content": "Hi"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    messages.append(first.choices[0].message)
+    messages.append({"role": "user", "content": "And then?"})
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    assert second.choices[0].message.role == "assistant"
+    echoed = first.choices[0].message.model_dump()
+    assert "annotations" in echoed
+    bad = http.post("/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "annotations": "none"},
+        {"role": "user", "content": "Go on"}]})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "messages[1].annotations"

@@ -38,7 +38,7 @@ _MESSAGE_KEYS = {
     "developer": {"role", "content", "name"},
     "user": {"role", "content", "name"},
     "assistant": {"role", "content", "name", "refusal", "tool_calls", "function_call",
-                  "audio"},
+                  "audio", "annotations"},
     "tool": {"role", "content", "tool_call_id"},
     "function": {"role", "content", "name"},
 }
@@ -218,6 +218,9 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
                                       param=f"{path}.audio", code="unsupported_parameter")
             if m.get("refusal") is not None:
                 v.as_string(m["refusal"], f"{path}.refusal")
+            if m.get("annotations") is not None and not isinstance(m["annotations"], list):
+                # echoed back from a response message (url citations): accepted, not rendered
+                raise v.invalid_type(f"{path}.annotations", "an array", m["annotations"])
             msg["content"] = (None if content is None
                               else _content_text(content, f"{path}.content", role))
         else:
