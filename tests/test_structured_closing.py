@@ -25,8 +25,7 @@ from openmini.structured.closing import (
     JsonLexState,
     plan_completion,
 )
-from openmini.structured.llguidance_backend import LLGuidanceBackend
-from openmini.tokenizer.tokenizer import Tokenizer
+from test_structured_grammar import backend, tok  # noqa: F401 - shared module fixtures
 
 S = {"type": "string"}
 
@@ -73,16 +72,6 @@ SCHEMAS = {
     "enum_const": (obj({"c": {"enum": ["red", "green"]}, "v": {"const": 2},
                         "notes": {"type": "array", "items": S, "minItems": 1}}), 48),
 }
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_llama) -> Tokenizer:
-    return Tokenizer.from_hf_dir(tiny_llama.hf_dir)
-
-
-@pytest.fixture(scope="module")
-def backend(tok) -> LLGuidanceBackend:
-    return LLGuidanceBackend(tok, tok.vocab_size + 37, tok.eos_token_ids)
 
 
 @pytest.fixture(scope="module")

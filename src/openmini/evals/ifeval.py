@@ -162,12 +162,10 @@ def run(args: argparse.Namespace) -> int:
     return 1 if errors or not done else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m openmini.evals.ifeval ARGS`` (same flags as ``openmini eval ifeval``)."""
-    p = argparse.ArgumentParser(prog="openmini eval ifeval", description=__doc__.splitlines()[0])
-    add_args(p)
-    return run(p.parse_args(argv))
 
+if __name__ == "__main__":  # python -m openmini.evals.ifeval: the same as `openmini eval ifeval`
+    import sys
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    from openmini.evals.tasks import eval_main
+
+    raise SystemExit(eval_main([TASK, *sys.argv[1:]]))

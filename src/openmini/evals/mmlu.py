@@ -258,12 +258,10 @@ def run(args: argparse.Namespace) -> int:
     return 1 if errors or not done else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m openmini.evals.mmlu ARGS`` (same flags as ``openmini eval mmlu``)."""
-    p = argparse.ArgumentParser(prog="openmini eval mmlu", description=__doc__.splitlines()[0])
-    add_args(p)
-    return run(p.parse_args(argv))
 
+if __name__ == "__main__":  # python -m openmini.evals.mmlu: the same as `openmini eval mmlu`
+    import sys
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    from openmini.evals.tasks import eval_main
+
+    raise SystemExit(eval_main([TASK, *sys.argv[1:]]))

@@ -47,7 +47,6 @@ class RowSplit:
     the same tokens alone or batched (batch invariance).
 
     Attributes:
-        num_rows: T, rows of the batch.
         decode_range: ``(start, end)`` of the decode rows when they are contiguous (``(0, 0)``
             when there are none), else None.
         decode_index: [T_dec] int64 decode rows when not contiguous, else None.
@@ -55,7 +54,6 @@ class RowSplit:
             contiguous, else None.
     """
 
-    num_rows: int
     decode_range: tuple[int, int] | None
     decode_index: torch.Tensor | None = None
     prefill_index: torch.Tensor | None = None
@@ -214,18 +212,17 @@ class AttentionMetadata:
             decode_only=B > 0 and not prefill_seqs,
             max_seq_len=max(seq_lens, default=0),
         )
-        T = starts[-1]
-        md.row_split = RowSplit(T, (0, 0))
+        md.row_split = RowSplit((0, 0))
         if dec_seqs:
             md.decode_token_index = tensor(dec_rows)
             md.decode_seq_index = tensor(dec_seqs)
             if dec_rows == list(range(dec_rows[0], dec_rows[0] + len(dec_rows))):
                 md.decode_token_range = (dec_rows[0], dec_rows[0] + len(dec_rows))
-                md.row_split = RowSplit(T, md.decode_token_range)
+                md.row_split = RowSplit(md.decode_token_range)
             else:
-                is_decode = set(dec_rows)
-                prefill_rows = [t for t in range(T) if t not in is_decode]
-                md.row_split = RowSplit(T, None, md.decode_token_index, tensor(prefill_rows))
+                decode_rows = set(dec_rows)
+                prefill_rows = [t for t in range(starts[-1]) if t not in decode_rows]
+                md.row_split = RowSplit(None, md.decode_token_index, tensor(prefill_rows))
             n_blocks = max(-(-seq_lens[b] // block_size) for b in dec_seqs)
             md.decode_block_index = tensor(
                 [padded[b][i] if i < len(block_tables[b]) else 0 for b in dec_seqs for i in range(n_blocks)]

@@ -806,13 +806,12 @@ class _WeightOnlyLinear(nn.Module):
         native up to ``gemm_min_rows`` rows, GEMM above.
         """
         M = x.shape[0]
-        if self.kernels is None:
+        # by row count: the torch backend, no plan, or the LM head (raised gemm_min_rows)
+        if self.kernels is None or rows is None or self.gemm_min_rows > GEMM_MIN_ROWS:
             if M > self.gemm_min_rows:
                 return _dequantized_gemm(x, self.dequantized(), self.bias)
-            return _bias_add(self._torch_kernel(x), self.bias)
-        if rows is None or self.gemm_min_rows > GEMM_MIN_ROWS:  # no plan, or the LM head
-            if M > self.gemm_min_rows:
-                return _dequantized_gemm(x, self.dequantized(), self.bias)
+            if self.kernels is None:
+                return _bias_add(self._torch_kernel(x), self.bias)
             return self._native(x, torch.empty(M, self.out_features), 0)
         if rows.decode_range is not None:
             s, e = rows.decode_range
