@@ -108,9 +108,16 @@ def transformers_records(args: argparse.Namespace, model: str, questions: list[m
 
 
 def compare(server: dict[int, dict], hf: dict[int, dict]) -> dict:
-    """Accuracies, agreement, difference and logprob gaps over the questions both sides have."""
+    """Accuracies, agreement, difference and logprob gaps over the questions both sides have.
+
+    Raises:
+        ValueError: no question was scored by both sides.
+    """
     common_ids = sorted(set(server) & set(hf))
     n = len(common_ids)
+    if n == 0:
+        raise ValueError(f"no question answered by both sides (server {len(server)}, transformers "
+                         f"{len(hf)}); run the server side first, or drop --cached-only")
     acc_s = 100.0 * sum(bool(server[i]["correct"]) for i in common_ids) / n
     acc_h = 100.0 * sum(bool(hf[i]["correct"]) for i in common_ids) / n
     agree = sum(server[i]["pred"] == hf[i]["pred"] for i in common_ids)
@@ -168,4 +175,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from openmini.evals.tasks import script_main
+
+    raise SystemExit(script_main("mmlu_fidelity", main))

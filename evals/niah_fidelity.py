@@ -80,11 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     run = Path(args.out) / "niah" / args.model
+    if not (run / "results.jsonl").is_file():
+        raise FileNotFoundError(f"no NIAH run to check: {run / 'results.jsonl'} does not exist")
     records = {}
     for line in (run / "results.jsonl").read_text().splitlines():
         if line.strip():
             r = json.loads(line)
             records[(r["length"], r["depth"])] = r
+    missing = [f"{length}:{depth}" for length, depth in args.cells if (length, depth) not in records]
+    if missing:
+        raise ValueError(f"cell(s) {', '.join(missing)} not in {run / 'results.jsonl'} "
+                         f"(it has {', '.join(f'{a}:{b}' for a, b in sorted(records))})")
     counter = ServerTokenCounter(_NoServer(), args.model, niah.messages_for, run / "token_counts.json")
     source = niah.load_source(dataset_path("paul_graham_essays"))
     needle_tokens = counter.count(" " + niah.NEEDLE)
@@ -101,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                                               dtype=torch.float32).eval()
     failures = 0
     for length, depth in args.cells:
-        server = records.get((length, depth))
-        if server is None:
-            raise SystemExit(f"cell {length}:{depth} is not in {run / 'results.jsonl'}")
+        server = records[(length, depth)]
         hay = niah.build_haystack(source, length - counter.overhead() - needle_tokens,
                                   counter.count, counter.count_many, batch=1)
         pos = niah.needle_position(hay, depth)
@@ -125,4 +129,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from openmini.evals.tasks import script_main
+
+    raise SystemExit(script_main("niah_fidelity", main))

@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 DEFAULT_OUT = "evals/results"
+# openai exceptions that every item of a run would raise alike: stop at the first
+FATAL_ERRORS = ("NotFoundError", "AuthenticationError", "PermissionDeniedError")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -36,12 +38,43 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", default=None, help="model name sent to the server (default: the first it lists)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "none"))
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    p.add_argument("--limit", type=int, default=None, help="score at most this many items")
+    p.add_argument("--concurrency", type=at_least(1), default=4, help="requests in flight")
+    p.add_argument("--limit", type=at_least(1), default=None, help="score at most this many items (>= 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling subsets and generated data")
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder")
-    p.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout, seconds")
-    p.add_argument("--fresh", action="store_true", help="ignore earlier results of this run")
+    p.add_argument("--timeout", type=positive_float, default=3600.0, help="per-request timeout, seconds")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the earlier results of this run (its results.jsonl) and start over")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum`` (else a usage error naming the bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def require_items(items: Sequence[Any], what: str) -> None:
+    """Raise ``ValueError`` when a run's selection is empty (so no summary is overwritten)."""
+    if not items:
+        raise ValueError(f"nothing to score: the options select no {what}")
 
 
 def make_client(args: argparse.Namespace):
@@ -118,7 +151,11 @@ def run_items(
     """Run ``fn(item)`` for every ``(id, item)`` not yet in ``log``, ``concurrency`` at a time.
 
     ``fn`` returns the record to log (``"id"`` is added). Exceptions are collected, not raised,
-    and their items are not logged (a later run retries them).
+    and their items are not logged (a later run retries them); except the `FATAL_ERRORS` that
+    every other item would hit too (unknown model, bad API key): the run stops at the first.
+
+    Raises:
+        RuntimeError: an item raised one of `FATAL_ERRORS` (the rest are cancelled).
 
     Returns:
         (records of all items in ``items`` that are in the log, in ``items`` order;
@@ -134,6 +171,10 @@ def run_items(
                 try:
                     rec = fut.result()
                 except Exception as exc:  # noqa: BLE001 - one bad item must not end the run
+                    if type(exc).__name__ in FATAL_ERRORS:
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise RuntimeError(f"the server refused the run ({type(exc).__name__}: "
+                                           f"{exc}); finished items are kept") from exc
                     errors.append((item_id, f"{type(exc).__name__}: {exc}"))
                 else:
                     log.append({"id": item_id, **rec})
@@ -161,18 +202,17 @@ def write_summary(directory: Path, summary: dict[str, Any], markdown: str) -> No
 
 
 def int_list(text: str) -> list[int]:
-    """argparse type: ``"1024,4096"`` -> ``[1024, 4096]``."""
+    """argparse type: ``"1024,4096"`` -> ``[1024, 4096]`` (duplicates dropped; an empty item is an
+    error)."""
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("empty list")
-    return values
+    return list(dict.fromkeys(values))  # duplicates dropped, order kept
 
 
 def add_max_tokens(p: argparse.ArgumentParser, default: int, help_text: str) -> None:
     """``--max-tokens`` with a task's own default (also when the parser already has the flag)."""
     if "--max-tokens" not in p._option_string_actions:
-        p.add_argument("--max-tokens", type=int, default=default, help=help_text)
+        p.add_argument("--max-tokens", type=at_least(1), default=default, help=help_text)
     p.set_defaults(max_tokens=default)

@@ -223,14 +223,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
     p.add_argument("--lengths", type=common.int_list, default=common.int_list(DEFAULT_LENGTHS),
                    help=f"prompt lengths in the served model's tokens, approximate (default {DEFAULT_LENGTHS})")
-    p.add_argument("--per-length", type=int, default=10, help="problems per type per length")
+    p.add_argument("--per-length", type=common.at_least(1), default=10, help="problems per type per length")
     p.add_argument("--types", default=",".join(PROBLEM_TYPES), help="problem types: bfs,parents")
     common.add_max_tokens(p, 256, "reply budget, tokens")
 
 
 def edges_for_length(counter: ServerTokenCounter, length: int, sample: Graph) -> int:
-    """Edges that bring the prompt to about ``length`` tokens (tokens per edge from ``sample``)."""
+    """Edges that bring the prompt to about ``length`` tokens (tokens per edge from ``sample``).
+
+    Raises:
+        ValueError: ``length`` cannot hold the prompt with a graph of 2 edges.
+    """
     per_edge = counter.count(sample.text()) / max(1, len(sample.edges))
+    shortest = counter.overhead() + 2 * per_edge
+    if length < shortest:
+        raise ValueError(f"length {length} is shorter than the shortest prompt (instructions, examples "
+                         f"and a 2-edge graph: about {round(shortest)} tokens)")
     return max(2, int((length - counter.overhead()) / max(per_edge, 1e-6)))
 
 
@@ -278,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     out = common.run_dir(args, "graphwalks", model)
     log = common.ResultLog(out / "results.jsonl", fresh=args.fresh)
     keys = [(L, k, i) for L in args.lengths for k in kinds for i in range(args.per_length)][:args.limit]
+    common.require_items(keys, "problem")
 
     def item_id(L: int, k: str, i: int) -> str:
         return f"len{L}-{k}-{i}-seed{args.seed}"
@@ -306,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
 
     records, errors = common.run_items([(item_id(*key), key) for key in keys], run_one, log,
                                        args.concurrency, f"graphwalks {model}")
+    if not records:  # nothing to summarize: keep any earlier summary
+        first = f"; first: {errors[0][1][:200]}" if errors else ""
+        raise RuntimeError(f"no item was scored ({len(errors)} failed{first})")
     lengths = [L for L in args.lengths if any(key[0] == L for key in keys)]
     summary, md = summarize(records, lengths, kinds, model)
     summary["errors"] = len(errors)

@@ -128,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.model:
             raise SystemExit("--rescore needs --model (the results folder name)")
         model = args.model
-        log = common.ResultLog(common.run_dir(args, TASK, model) / "results.jsonl")
+        path = Path(args.out) / TASK / common.safe_name(model) / "results.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved responses to rescore: {path} does not exist")
+        log = common.ResultLog(path)
     else:
         client = common.make_client(args)
         model = common.resolve_model(client, args.model)
@@ -137,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         _, errors = common.run_items(
             items, lambda row: _generate(client, model, args.max_tokens, row), log, args.concurrency, "ifeval")
     done = [log.records[str(r["key"])] for r in rows if str(r["key"]) in log.records]
+    if not done:  # nothing to summarize: keep any earlier summary
+        first = f"; first: {errors[0][1][:200]}" if errors else ""
+        raise RuntimeError(f"no prompt was scored ({len(errors)} failed{first})")
     scored = [(rec["instruction_id_list"], score_record(rec)) for rec in done]
     summary = aggregate(scored)
     # records carry the max_tokens they were generated with (older ones: assume this run's)

@@ -25,6 +25,7 @@ subsets and runs are resumable.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import re
@@ -200,7 +201,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subjects", default=None, help="comma-separated subjects, e.g. 'astronomy,virology'")
     p.add_argument("--subset", choices=sorted(SUBSETS), default=None,
                    help="fixed stratified subset: stratified-570 = first 10 questions of each subject")
-    p.add_argument("--per-subject", type=int, default=None, help="first N questions of each subject")
+    p.add_argument("--per-subject", type=common.at_least(1), default=None, help="first N questions of each subject")
     common.add_max_tokens(p, DEFAULT_GENERATE_MAX_TOKENS, "answer budget in generate mode, tokens (loglik: 1)")
     p.add_argument("--rescore", action="store_true",
                    help="summarize the saved answers only (no server; needs --model)")
@@ -224,17 +225,26 @@ def run(args: argparse.Namespace) -> int:
     questions = load_questions()
     known = {q.subject for q in questions}
     if subjects and not set(subjects) <= known:
-        raise SystemExit(f"unknown subjects {sorted(set(subjects) - known)}; known: {sorted(known)}")
+        unknown = sorted(set(subjects) - known)
+        hints = {u: difflib.get_close_matches(u, sorted(known), n=1) for u in unknown}
+        hint = "; ".join(f"{u!r} (did you mean {h[0]!r}?)" if h else repr(u) for u, h in hints.items())
+        raise ValueError(f"unknown subject(s) {hint}; the {len(known)} subjects are MMLU's, "
+                         f"lowercase with underscores, e.g. 'high_school_physics'")
     per_subject = SUBSETS[args.subset] if args.subset else args.per_subject
     chosen = select(questions, subjects, per_subject, args.limit)
+    common.require_items(chosen, "question")
     items = [(f"{q.index}:{args.mode}", q) for q in chosen]
     if args.rescore:
         if not args.model:
             raise SystemExit("--rescore needs --model (the results folder name)")
         model = args.model
-        d = common.run_dir(args, TASK, model)
+        d = Path(args.out) / TASK / common.safe_name(model)
+        if not (d / "results.jsonl").is_file():
+            raise FileNotFoundError(f"no saved results to rescore: {d / 'results.jsonl'} does not exist")
         log = common.ResultLog(d / "results.jsonl")
         done, errors = [log.records[i] for i, _ in items if i in log.records], []
+        if not done:
+            raise ValueError(f"{d / 'results.jsonl'} has no {args.mode}-mode answer for this selection")
     else:
         client = common.make_client(args)
         model = common.resolve_model(client, args.model)
@@ -243,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
         done, errors = common.run_items(
             items, lambda q: ask(client, model, args.mode, args.max_tokens, q), log, args.concurrency,
             f"mmlu {args.mode}")
+        if not done:
+            first = f"; first: {errors[0][1][:200]}" if errors else ""
+            raise RuntimeError(f"no question was scored ({len(errors)} failed{first})")
     summary = summarize(done)
     label = subset_label(args)
     summary.update(task=TASK, model=model, mode=args.mode, selection=label, selected=len(chosen),

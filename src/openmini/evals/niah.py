@@ -200,12 +200,21 @@ def insert_needle(text: str, pos: int, needle: str = NEEDLE) -> str:
 
 # ---- task -----------------------------------------------------------------------------------
 
+def depth_list(text: str) -> list[int]:
+    """argparse type: comma-separated depths, each 0-100 (percent); duplicates dropped."""
+    depths = common.int_list(text)
+    bad = [d for d in depths if not 0 <= d <= 100]
+    if bad:
+        raise argparse.ArgumentTypeError(f"depths are percentages from 0 to 100, got {bad}")
+    return depths
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``openmini eval niah``."""
     common.add_common_args(p)
     p.add_argument("--lengths", type=common.int_list, default=common.int_list(DEFAULT_LENGTHS),
                    help=f"total prompt lengths in the served model's tokens (default {DEFAULT_LENGTHS})")
-    p.add_argument("--depths", type=common.int_list, default=common.int_list(DEFAULT_DEPTHS),
+    p.add_argument("--depths", type=depth_list, default=common.int_list(DEFAULT_DEPTHS),
                    help=f"needle depths, percent of the haystack (default {DEFAULT_DEPTHS})")
     common.add_max_tokens(p, 64, "answer budget, tokens (not part of the context length)")
 
@@ -277,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     out = common.run_dir(args, "niah", model)
     log = common.ResultLog(out / "results.jsonl", fresh=args.fresh)
     cells = [(L, d) for L in args.lengths for d in args.depths][:args.limit]
+    common.require_items(cells, "cell")
     todo_lengths = sorted({L for L, d in cells if item_id(L, d) not in log.records})
 
     haystacks: dict[int, Haystack] = {}
@@ -307,6 +317,9 @@ def run(args: argparse.Namespace) -> int:
 
     records, errors = common.run_items([(item_id(L, d), (L, d)) for L, d in cells], run_cell, log,
                                        args.concurrency, f"niah {model}")
+    if not records:  # nothing to summarize: keep any earlier summary
+        first = f"; first: {errors[0][1][:200]}" if errors else ""
+        raise RuntimeError(f"no item was scored ({len(errors)} failed{first})")
     lengths = [L for L in args.lengths if any(c[0] == L for c in cells)]
     depths = [d for d in args.depths if any(c[1] == d for c in cells)]
     summary, md = summarize(records, lengths, depths, model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 TASKS: dict[str, str] = {
@@ -60,7 +61,23 @@ def eval_main(argv: list[str]) -> int:
               file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - unreachable server, bad flags, missing data: one line
-        print(f"openmini eval {name}: error: {_one_line(exc)}", file=sys.stderr)
+        where = ""
+        if type(exc).__name__ in ("APIConnectionError", "APITimeoutError", "NotFoundError"):
+            where = f" [--base-url {getattr(args, 'base_url', '?')}]"
+        print(f"openmini eval {name}: error: {_one_line(exc)}{where}", file=sys.stderr)
+        return 1
+
+
+def script_main(name: str, main: Callable[[], int]) -> int:
+    """Run an eval script's ``main()`` with `eval_main`'s error handling: a one-line
+    ``name: error: ...`` and exit status 1 instead of a traceback; 130 on Ctrl-C."""
+    try:
+        return int(main())
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (finished items are kept; rerun to resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - missing files, unreachable server: one line
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
 
 
