@@ -62,6 +62,8 @@ def test_models(client):
     for mid in ids:
         m = client.models.retrieve(mid)
         assert (m.id, m.object, m.owned_by) == (mid, "model", "openmini")
+        assert m.max_model_len == 4096  # vLLM's extra field: FakeEngine's context window
+    assert [m.max_model_len for m in client.models.list().data] == [4096] * 3
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
 

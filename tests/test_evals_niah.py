@@ -167,3 +167,14 @@ def test_niah_end_to_end(tiny_server, tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     assert "| depth \\ length (tokens) | 300 | 600 |" in capsys.readouterr().out
     assert len((d / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_niah_length_beyond_the_window_fails_at_once(tiny_server, tmp_path, capsys):
+    """The tiny server's window is 2048 tokens (GET /models/{id} reports max_model_len): a
+    longer NIAH length is refused before any token-count probe, and nothing is scored."""
+    rc = main(["eval", "niah", "--base-url", tiny_server.base_url, "--lengths", "1000,100000",
+               "--depths", "0", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "[100000] + --max-tokens 64 exceed the context window" in err and "(2048 tokens)" in err
+    assert not (tmp_path / "niah" / "tiny" / "results.jsonl").exists()
+    assert not (tmp_path / "niah" / "tiny" / "token_counts.json").exists()

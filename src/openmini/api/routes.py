@@ -70,8 +70,14 @@ class OpenAIRoutes:
             raise model_not_found(model)
 
     def _model_object(self, model_id: str) -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": self.settings.created,
-                "owned_by": self.settings.owned_by}
+        """OpenAI's model object, plus ``max_model_len`` (the context window in tokens, as vLLM
+        reports it; clients that do not know the field ignore it)."""
+        obj: dict[str, Any] = {"id": model_id, "object": "model", "created": self.settings.created,
+                               "owned_by": self.settings.owned_by}
+        window = getattr(self.engine, "max_model_len", None)
+        if isinstance(window, int):
+            obj["max_model_len"] = window
+        return obj
 
     async def _run(self, request: Request, stream: bool,
                    create: Callable[[], Awaitable[dict[str, Any]]],

@@ -97,6 +97,29 @@ def resolve_model(client, model: str | None) -> str:
     return models[0].id
 
 
+def context_window(client, model: str) -> int | None:
+    """The server's context window for ``model`` in tokens, from the ``max_model_len`` field of
+    ``GET /models/{model}`` (OpenMini and vLLM report it); None when the server does not say."""
+    try:
+        window = getattr(client.models.retrieve(model), "max_model_len", None)
+    except Exception:  # noqa: BLE001 - a peer without the route or the field: unknown
+        return None
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def check_lengths_fit(client, model: str, lengths: Iterable[int], reply_tokens: int) -> None:
+    """Refuse prompt lengths that cannot fit the server's window with ``reply_tokens`` more.
+
+    Raises:
+        ValueError: a length plus ``reply_tokens`` exceeds `context_window` (when known).
+    """
+    window = context_window(client, model)
+    too_long = [L for L in lengths if window is not None and L + reply_tokens > window]
+    if too_long:
+        raise ValueError(f"length(s) {too_long} + --max-tokens {reply_tokens} exceed the context window of "
+                         f"{model!r} on this server ({window} tokens)")
+
+
 def safe_name(text: str) -> str:
     """A file-name-safe form of ``text`` (model names may contain ``/`` or ``:``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"

@@ -294,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
     todo = [key for key in keys if item_id(*key) not in log.records]
     problems: dict[tuple[int, str, int], Problem] = {}
     if todo:
+        common.check_lengths_fit(client, model, sorted({k[0] for k in todo}), args.max_tokens)
         counter = ServerTokenCounter(client, model, messages_for, out / "token_counts.json", args.concurrency)
         sample = random_graph(random.Random(f"graphwalks-sample-{args.seed}"), 40, 64)
         num_edges = {L: edges_for_length(counter, L, sample) for L in sorted({k[0] for k in todo})}

@@ -291,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
 
     haystacks: dict[int, Haystack] = {}
     if todo_lengths:
+        common.check_lengths_fit(client, model, todo_lengths, args.max_tokens)
         counter = ServerTokenCounter(client, model, messages_for, out / "token_counts.json", args.concurrency)
         source = load_source(dataset_path("paul_graham_essays"))
         needle_tokens = counter.count(" " + NEEDLE)
