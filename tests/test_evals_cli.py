@@ -158,3 +158,21 @@ def test_niah_fidelity_without_a_run_is_one_line(capsys, tmp_path, monkeypatch):
                                                          "--out", str(tmp_path)]))
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "1024:50 not in" in err and "1024:0" in err
+
+
+def test_fresh_replaces_results_only_once_a_new_item_finishes(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"id": "old", "v": 1}) + "\n")
+
+    def down(item):
+        raise ConnectionError("refused")
+
+    log = common.ResultLog(path, fresh=True)
+    assert log.records == {}  # earlier records are ignored ...
+    common.run_items([("a", 0)], down, log, 1, "t")
+    assert json.loads(path.read_text())["id"] == "old"  # ... but not lost when nothing finishes
+
+    log = common.ResultLog(path, fresh=True)
+    common.run_items([("a", 0), ("b", 1)], lambda item: {"v": item}, log, 1, "t")
+    assert sorted(json.loads(line)["id"] for line in path.read_text().splitlines()) == ["a", "b"]
+    assert sorted(common.ResultLog(path).records) == ["a", "b"]

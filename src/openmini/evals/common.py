@@ -44,7 +44,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder")
     p.add_argument("--timeout", type=positive_float, default=3600.0, help="per-request timeout, seconds")
     p.add_argument("--fresh", action="store_true",
-                   help="delete the earlier results of this run (its results.jsonl) and start over")
+                   help="start over: the run's earlier results.jsonl is replaced once a new item finishes")
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -136,16 +136,17 @@ class ResultLog:
     """Append-only JSONL of finished items, keyed by the record's ``"id"`` (a string).
 
     Thread-safe appends; each line is flushed so a killed run loses at most the item in flight.
-    A torn last line (killed mid-write) is ignored when loading.
+    A torn last line (killed mid-write) is ignored when loading. ``fresh``: earlier records are
+    ignored, and the file is emptied only when the first new record arrives, so a fresh run
+    that fails before any item finishes (server down, wrong URL) leaves the earlier file intact.
     """
 
     def __init__(self, path: Path, fresh: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
-        if fresh and path.exists():
-            path.unlink()
+        self._truncate = fresh
         self.records: dict[str, dict[str, Any]] = {}
-        if path.exists():
+        if path.exists() and not fresh:
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
@@ -160,8 +161,9 @@ class ResultLog:
         line = json.dumps(record, ensure_ascii=False)
         with self._lock:
             self.records[str(record["id"])] = record
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.path, "w" if self._truncate else "a", encoding="utf-8") as f:
                 f.write(line + "\n")
+            self._truncate = False
 
 
 def run_items(
