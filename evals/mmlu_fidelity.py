@@ -42,6 +42,7 @@ from openmini.evals import common, mmlu
 from openmini.engine.engine import load_tokenizer
 from openmini.loaders.model_files import load_model_files
 from openmini.tokenizer.chat_template import ChatTemplate
+from openmini.tokenizer.tokenizer import Tokenizer
 
 TOP_K = 20
 
@@ -57,26 +58,40 @@ def server_records(args: argparse.Namespace, model: str, questions: list[mmlu.Qu
     return {q.index: log.records[i] for i, q in items if i in log.records}
 
 
-def transformers_records(args: argparse.Namespace, model: str, questions: list[mmlu.Question]) -> dict[int, dict]:
-    """Letter logprobs from transformers on the GGUF (float32), one forward pass per question."""
-    from transformers import AutoModelForCausalLM
+def gguf_reference(name: str) -> tuple[Path, Tokenizer, ChatTemplate]:
+    """The GGUF file of ``name`` (registry name or path) with OpenMini's tokenizer and chat
+    template read from it, as the server renders prompts. Shared with ``niah_fidelity.py``.
 
-    files = load_model_files(args.gguf or model, progress=False)
+    Raises:
+        SystemExit: ``name`` is not a GGUF model.
+        FileNotFoundError: unknown name or path.
+    """
+    files = load_model_files(name, progress=False)
     if files.source.kind != "gguf":
         raise SystemExit(f"{files.source.path} is not a GGUF model")
-    gguf = Path(files.source.path)
     tokenizer = load_tokenizer(files)
-    template = ChatTemplate(tokenizer.chat_template, tokenizer)
+    return Path(files.source.path), tokenizer, ChatTemplate(tokenizer.chat_template, tokenizer)
+
+
+def load_transformers(gguf: Path):
+    """``transformers`` causal LM on the same GGUF weights, dequantized to float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    print(f"loading {gguf} with transformers (float32)...", file=sys.stderr)
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+def transformers_records(args: argparse.Namespace, model: str, questions: list[mmlu.Question]) -> dict[int, dict]:
+    """Letter logprobs from transformers on the GGUF (float32), one forward pass per question."""
+    gguf, tokenizer, template = gguf_reference(args.gguf or model)
     log = common.ResultLog(common.run_dir(args, mmlu.TASK, model) / "fidelity_transformers.jsonl",
                            fresh=args.fresh)
     todo = [q for q in questions if str(q.index) not in log.records]
     if args.max_seconds is not None and args.max_seconds <= 0:
         todo = []  # compare what is cached, load nothing
     if todo:
-        print(f"loading {gguf} with transformers (float32)...", file=sys.stderr)
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                  dtype=torch.float32)
-        hf.eval()
+        hf = load_transformers(gguf)
         text_cache: dict[int, str] = {}
 
         def text(token_id: int) -> str:

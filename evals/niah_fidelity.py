@@ -32,12 +32,10 @@ from pathlib import Path
 
 import torch
 
-from openmini.engine.engine import load_tokenizer
+from mmlu_fidelity import gguf_reference, load_transformers  # this script's neighbour in evals/
 from openmini.evals import niah
 from openmini.evals.data import dataset_path
 from openmini.evals.tokens import ServerTokenCounter
-from openmini.loaders.model_files import load_model_files
-from openmini.tokenizer.chat_template import ChatTemplate
 
 
 class _NoServer:
@@ -95,16 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     source = niah.load_source(dataset_path("paul_graham_essays"))
     needle_tokens = counter.count(" " + niah.NEEDLE)
 
-    files = load_model_files(args.gguf or args.model, progress=False)
-    if files.source.kind != "gguf":
-        raise SystemExit(f"{files.source.path} is not a GGUF model")
-    tokenizer = load_tokenizer(files)
-    template = ChatTemplate(tokenizer.chat_template, tokenizer)
-    from transformers import AutoModelForCausalLM
-
-    gguf = Path(files.source.path)
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                              dtype=torch.float32).eval()
+    gguf, tokenizer, template = gguf_reference(args.gguf or args.model)
+    hf = load_transformers(gguf)
     failures = 0
     for length, depth in args.cells:
         server = records[(length, depth)]

@@ -128,15 +128,17 @@ def test_graphwalks_length_shorter_than_the_prompt_is_an_error():
     assert graphwalks.edges_for_length(counter, shortest + 200, sample) >= 2
 
 
-def load_script(name: str):
+def load_script(name: str, monkeypatch):
+    """Import ``evals/<name>.py`` as running it would: with ``evals/`` first on sys.path."""
+    monkeypatch.syspath_prepend(str(ROOT / "evals"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "evals" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_mmlu_fidelity_with_nothing_in_common_is_an_error():
-    fid = load_script("mmlu_fidelity")
+def test_mmlu_fidelity_with_nothing_in_common_is_an_error(monkeypatch):
+    fid = load_script("mmlu_fidelity", monkeypatch)
     with pytest.raises(ValueError, match="no question answered by both sides"):
         fid.compare({}, {1: {}})
 
@@ -144,7 +146,7 @@ def test_mmlu_fidelity_with_nothing_in_common_is_an_error():
 def test_niah_fidelity_without_a_run_is_one_line(capsys, tmp_path, monkeypatch):
     from openmini.evals.tasks import script_main
 
-    fid = load_script("niah_fidelity")
+    fid = load_script("niah_fidelity", monkeypatch)
     monkeypatch.setattr(sys, "argv", ["niah_fidelity"])
     rc = script_main("niah_fidelity", lambda: fid.main(["--model", "tiny", "--cells", "1024:50",
                                                          "--out", str(tmp_path)]))

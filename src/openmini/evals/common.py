@@ -77,6 +77,14 @@ def require_items(items: Sequence[Any], what: str) -> None:
         raise ValueError(f"nothing to score: the options select no {what}")
 
 
+def require_scored(done: Sequence[Any], errors: Sequence[tuple[str, str]], what: str) -> None:
+    """Raise ``RuntimeError`` when no item of the selection has a result (so the earlier summary
+    is kept rather than overwritten with an empty one); names the first error of this run."""
+    if not done:
+        first = f"; first: {errors[0][1][:200]}" if errors else ""
+        raise RuntimeError(f"no {what} was scored ({len(errors)} failed{first})")
+
+
 def make_client(args: argparse.Namespace):
     """Return an ``openai.OpenAI`` client for ``args.base_url`` (no retries: errors are logged)."""
     import openai
@@ -114,7 +122,9 @@ def check_lengths_fit(client, model: str, lengths: Iterable[int], reply_tokens: 
         ValueError: a length plus ``reply_tokens`` exceeds `context_window` (when known).
     """
     window = context_window(client, model)
-    too_long = [L for L in lengths if window is not None and L + reply_tokens > window]
+    if window is None:
+        return
+    too_long = [L for L in lengths if L + reply_tokens > window]
     if too_long:
         raise ValueError(f"length(s) {too_long} + --max-tokens {reply_tokens} exceed the context window of "
                          f"{model!r} on this server ({window} tokens)")
@@ -130,6 +140,22 @@ def run_dir(args: argparse.Namespace, task: str, model: str) -> Path:
     d = Path(args.out) / task / safe_name(model)
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def saved_log(args: argparse.Namespace, task: str) -> tuple[str, ResultLog]:
+    """For ``--rescore``: the model named by ``--model`` and its saved ``results.jsonl``
+    (nothing is created).
+
+    Raises:
+        SystemExit: no ``--model``.
+        FileNotFoundError: no saved results for that model under ``--out``.
+    """
+    if not args.model:
+        raise SystemExit("--rescore needs --model (the results folder name)")
+    path = Path(args.out) / task / safe_name(args.model) / "results.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved results to rescore: {path} does not exist")
+    return args.model, ResultLog(path)
 
 
 class ResultLog:

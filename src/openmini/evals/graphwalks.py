@@ -316,9 +316,7 @@ def run(args: argparse.Namespace) -> int:
 
     records, errors = common.run_items([(item_id(*key), key) for key in keys], run_one, log,
                                        args.concurrency, f"graphwalks {model}")
-    if not records:  # nothing to summarize: keep any earlier summary
-        first = f"; first: {errors[0][1][:200]}" if errors else ""
-        raise RuntimeError(f"no item was scored ({len(errors)} failed{first})")
+    common.require_scored(records, errors, "item")
     lengths = [L for L in args.lengths if any(key[0] == L for key in keys)]
     summary, md = summarize(records, lengths, kinds, model)
     summary["errors"] = len(errors)

@@ -125,13 +125,7 @@ def run(args: argparse.Namespace) -> int:
         rows = rows[: args.limit]
     errors: list[tuple[str, str]] = []
     if args.rescore:
-        if not args.model:
-            raise SystemExit("--rescore needs --model (the results folder name)")
-        model = args.model
-        path = Path(args.out) / TASK / common.safe_name(model) / "results.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"no saved responses to rescore: {path} does not exist")
-        log = common.ResultLog(path)
+        model, log = common.saved_log(args, TASK)
     else:
         client = common.make_client(args)
         model = common.resolve_model(client, args.model)
@@ -140,13 +134,11 @@ def run(args: argparse.Namespace) -> int:
         _, errors = common.run_items(
             items, lambda row: _generate(client, model, args.max_tokens, row), log, args.concurrency, "ifeval")
     done = [log.records[str(r["key"])] for r in rows if str(r["key"]) in log.records]
-    if not done:  # nothing to summarize: keep any earlier summary
-        first = f"; first: {errors[0][1][:200]}" if errors else ""
-        raise RuntimeError(f"no prompt was scored ({len(errors)} failed{first})")
+    common.require_scored(done, errors, "prompt")
     scored = [(rec["instruction_id_list"], score_record(rec)) for rec in done]
     summary = aggregate(scored)
     # records carry the max_tokens they were generated with (older ones: assume this run's)
-    max_tokens = sorted({r.get("max_tokens", args.max_tokens) for r in done}) or [args.max_tokens]
+    max_tokens = sorted({r.get("max_tokens", args.max_tokens) for r in done})
     summary.update({
         "task": TASK, "model": model, "total_prompts": len(rows), "max_tokens": max_tokens,
         "truncated_responses": sum(1 for r in done if r.get("finish_reason") == "length"),
@@ -165,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
               [iid, v["n"], v["strict"], v["loose"]] for iid, v in summary["per_instruction"].items()
           ])]
     common.write_summary(d, summary, "\n".join(md))
-    return 1 if errors or not done else 0
+    return 1 if errors else 0
 
 
 

@@ -235,16 +235,11 @@ def run(args: argparse.Namespace) -> int:
     common.require_items(chosen, "question")
     items = [(f"{q.index}:{args.mode}", q) for q in chosen]
     if args.rescore:
-        if not args.model:
-            raise SystemExit("--rescore needs --model (the results folder name)")
-        model = args.model
-        d = Path(args.out) / TASK / common.safe_name(model)
-        if not (d / "results.jsonl").is_file():
-            raise FileNotFoundError(f"no saved results to rescore: {d / 'results.jsonl'} does not exist")
-        log = common.ResultLog(d / "results.jsonl")
+        model, log = common.saved_log(args, TASK)
+        d = log.path.parent
         done, errors = [log.records[i] for i, _ in items if i in log.records], []
         if not done:
-            raise ValueError(f"{d / 'results.jsonl'} has no {args.mode}-mode answer for this selection")
+            raise ValueError(f"{log.path} has no {args.mode}-mode answer for this selection")
     else:
         client = common.make_client(args)
         model = common.resolve_model(client, args.model)
@@ -253,9 +248,7 @@ def run(args: argparse.Namespace) -> int:
         done, errors = common.run_items(
             items, lambda q: ask(client, model, args.mode, args.max_tokens, q), log, args.concurrency,
             f"mmlu {args.mode}")
-        if not done:
-            first = f"; first: {errors[0][1][:200]}" if errors else ""
-            raise RuntimeError(f"no question was scored ({len(errors)} failed{first})")
+        common.require_scored(done, errors, "question")
     summary = summarize(done)
     label = subset_label(args)
     summary.update(task=TASK, model=model, mode=args.mode, selection=label, selected=len(chosen),
@@ -268,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
           common.markdown_table(["subject", "n", "accuracy %"], [
               [s, v["n"], v["accuracy"]] for s, v in summary["per_subject"].items()])]
     common.write_summary(out, summary, "\n".join(md))
-    return 1 if errors or not done else 0
+    return 1 if errors else 0
 
 
 

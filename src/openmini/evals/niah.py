@@ -318,15 +318,12 @@ def run(args: argparse.Namespace) -> int:
 
     records, errors = common.run_items([(item_id(L, d), (L, d)) for L, d in cells], run_cell, log,
                                        args.concurrency, f"niah {model}")
-    if not records:  # nothing to summarize: keep any earlier summary
-        first = f"; first: {errors[0][1][:200]}" if errors else ""
-        raise RuntimeError(f"no item was scored ({len(errors)} failed{first})")
+    common.require_scored(records, errors, "item")
     lengths = [L for L in args.lengths if any(c[0] == L for c in cells)]
     depths = [d for d in args.depths if any(c[1] == d for c in cells)]
     summary, md = summarize(records, lengths, depths, model)
     summary["errors"] = len(errors)
-    if records:
-        plot_heatmap(summary["grid"], lengths, depths, f"Needle in a haystack — {model}", out / "heatmap.png")
-        summary["heatmap"] = str(out / "heatmap.png")
+    plot_heatmap(summary["grid"], lengths, depths, f"Needle in a haystack — {model}", out / "heatmap.png")
+    summary["heatmap"] = str(out / "heatmap.png")
     common.write_summary(out, summary, md)
     return 1 if errors else 0

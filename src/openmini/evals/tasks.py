@@ -54,30 +54,23 @@ def eval_main(argv: list[str]) -> int:
                                      description=(module.__doc__ or "").split("\n\n")[0])
     module.add_args(parser)
     args = parser.parse_args(argv[1:])
-    try:
-        return int(module.run(args))
-    except KeyboardInterrupt:
-        print(f"openmini eval {name}: interrupted (finished items are kept; rerun to resume)",
-              file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - unreachable server, bad flags, missing data: one line
-        where = ""
-        if type(exc).__name__ in ("APIConnectionError", "APITimeoutError", "NotFoundError"):
-            where = f" [--base-url {getattr(args, 'base_url', '?')}]"
-        print(f"openmini eval {name}: error: {_one_line(exc)}{where}", file=sys.stderr)
-        return 1
+    return script_main(f"openmini eval {name}", lambda: module.run(args), getattr(args, "base_url", None))
 
 
-def script_main(name: str, main: Callable[[], int]) -> int:
-    """Run an eval script's ``main()`` with `eval_main`'s error handling: a one-line
-    ``name: error: ...`` and exit status 1 instead of a traceback; 130 on Ctrl-C."""
+def script_main(name: str, main: Callable[[], int], base_url: str | None = None) -> int:
+    """Run ``main()`` (a task's run, or an eval script's main) with one-line errors: prints
+    ``name: error: ...`` and returns 1 instead of a traceback; 130 on Ctrl-C. Connection errors
+    and 404s also name ``base_url`` when given."""
     try:
         return int(main())
     except KeyboardInterrupt:
         print(f"{name}: interrupted (finished items are kept; rerun to resume)", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - missing files, unreachable server: one line
-        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - unreachable server, missing data or files: one line
+        where = ""
+        if base_url and type(exc).__name__ in ("APIConnectionError", "APITimeoutError", "NotFoundError"):
+            where = f" [--base-url {base_url}]"
+        print(f"{name}: error: {_one_line(exc)}{where}", file=sys.stderr)
         return 1
 
 
