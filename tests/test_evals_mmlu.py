@@ -85,11 +85,10 @@ def test_end_to_end_mmlu_and_ifeval_on_tiny_server(tiny_llama, tmp_path):
     import argparse
     import json
 
-    from server_utils import ServerThread
+    from server_utils import ServerThread, running_engine
+    from tiny_models import MAX_POSITIONS
 
     from openmini.api import ServerSettings
-    from openmini.config import CacheConfig, EngineConfig
-    from openmini.engine.async_engine import AsyncEngine
     from openmini.evals import ifeval
 
     def parse(module, argv):
@@ -97,28 +96,24 @@ def test_end_to_end_mmlu_and_ifeval_on_tiny_server(tiny_llama, tmp_path):
         module.add_args(p)
         return p.parse_args(argv)
 
-    eng = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama.hf_dir), dtype="float32",
-                                               cache=CacheConfig(num_blocks=512)))
-    try:
-        with ServerThread(eng, ServerSettings(served_model_name="tiny")) as srv:
-            common = ["--base-url", srv.base_url, "--out", str(tmp_path), "--concurrency", "2"]
-            args = parse(mmlu, [*common, "--mode", "loglik", "--subset", "stratified-570", "--limit", "3"])
-            assert mmlu.run(args) == 0
-            summary = json.loads((tmp_path / "mmlu/tiny/loglik-stratified-570-limit3/summary.json").read_text())
-            assert summary["n"] == 3 and summary["selected"] == 3
-            recs = [json.loads(line) for line in (tmp_path / "mmlu/tiny/results.jsonl").read_text().splitlines()]
-            assert {r["id"] for r in recs} == {"0:loglik", "1:loglik", "2:loglik"}
-            assert all(set(r["letter_logprobs"]) == set("ABCD") for r in recs)
+    with running_engine(tiny_llama.hf_dir, max_model_len=MAX_POSITIONS, num_blocks=512) as eng, \
+            ServerThread(eng, ServerSettings(served_model_name="tiny")) as srv:
+        common = ["--base-url", srv.base_url, "--out", str(tmp_path), "--concurrency", "2"]
+        args = parse(mmlu, [*common, "--mode", "loglik", "--subset", "stratified-570", "--limit", "3"])
+        assert mmlu.run(args) == 0
+        summary = json.loads((tmp_path / "mmlu/tiny/loglik-stratified-570-limit3/summary.json").read_text())
+        assert summary["n"] == 3 and summary["selected"] == 3
+        recs = [json.loads(line) for line in (tmp_path / "mmlu/tiny/results.jsonl").read_text().splitlines()]
+        assert {r["id"] for r in recs} == {"0:loglik", "1:loglik", "2:loglik"}
+        assert all(set(r["letter_logprobs"]) == set("ABCD") for r in recs)
 
-            args = parse(ifeval, [*common, "--limit", "2", "--max-tokens", "8"])
-            assert ifeval.run(args) == 0
-            recs = [json.loads(line) for line in (tmp_path / "ifeval/tiny/results.jsonl").read_text().splitlines()]
-            assert len(recs) == 2 and all(r["completion_tokens"] <= 8 for r in recs)
-            assert mmlu.run(parse(mmlu, [*common, "--mode", "loglik", "--subset", "stratified-570",
-                                         "--limit", "3"])) == 0  # resumed: nothing re-asked
-            assert len((tmp_path / "mmlu/tiny/results.jsonl").read_text().splitlines()) == 3
-    finally:
-        eng.shutdown()
+        args = parse(ifeval, [*common, "--limit", "2", "--max-tokens", "8"])
+        assert ifeval.run(args) == 0
+        recs = [json.loads(line) for line in (tmp_path / "ifeval/tiny/results.jsonl").read_text().splitlines()]
+        assert len(recs) == 2 and all(r["completion_tokens"] <= 8 for r in recs)
+        assert mmlu.run(parse(mmlu, [*common, "--mode", "loglik", "--subset", "stratified-570",
+                                     "--limit", "3"])) == 0  # resumed: nothing re-asked
+        assert len((tmp_path / "mmlu/tiny/results.jsonl").read_text().splitlines()) == 3
     # offline re-scoring from the saved answers/responses (the server is gone)
     assert mmlu.run(parse(mmlu, ["--out", str(tmp_path), "--model", "tiny", "--mode", "loglik",
                                  "--subset", "stratified-570", "--limit", "3", "--rescore"])) == 0

@@ -295,6 +295,21 @@ def test_engine_reports_length_when_no_valid_output_fits(llm):
         json.loads(out.text)
 
 
+def _follow(script: list[int]):
+    """A model that writes ``script`` while the mask allows it; once off script (being
+    closed), the first allowed token from then on."""
+    state = {"i": 0}
+
+    def pick(allowed):
+        i = state["i"]
+        state["i"] += 1
+        if i < len(script) and script[i] in allowed:
+            return script[i]
+        state["i"] = len(script)
+        return allowed[0]
+    return pick
+
+
 def test_one_more_item_is_accounted_for(backend, tok):
     """An array of objects with required fields: the comma that starts one more item
     lengthens the plan by a whole object. A model that writes item after item (and would
@@ -305,18 +320,8 @@ def test_one_more_item_is_accounted_for(backend, tok):
     script = tok.encode('{"team": "A", "players": [' + ", ".join(
         '{"name": "Li", "number": %d, "position": "GK"}' % i for i in range(60)))
 
-    def follow_script(state):
-        def pick(allowed):
-            i = state["i"]
-            state["i"] += 1
-            if i < len(script) and script[i] in allowed:
-                return script[i]
-            state["i"] = len(script)  # off script (being closed): first allowed token
-            return allowed[0]
-        return pick
-
     for max_tokens in range(60, 200, 3):
-        text, reason, _ = _generate(backend, tok, spec, max_tokens, follow_script({"i": 0}))
+        text, reason, _ = _generate(backend, tok, spec, max_tokens, _follow(script))
         assert reason in ("stop", "closed"), f"{max_tokens}: {text!r}"
         jsonschema.validate(json.loads(text), schema)
 
@@ -349,17 +354,7 @@ def test_model_that_keeps_calling_tools_is_ended_between_calls(backend, tok):
          call % ("set_lights", '{"room": "K", "on": true}')] * 6))
     schemas = {"set_reminder": rem, "set_lights": lights}
     for max_tokens in range(70, 400, 11):
-        state = {"i": 0}
-
-        def pick(allowed):
-            i = state["i"]
-            state["i"] += 1
-            if i < len(script) and script[i] in allowed:
-                return script[i]
-            state["i"] = len(script)
-            return allowed[0]
-
-        text, reason, _ = _generate(backend, tok, spec, max_tokens, pick)
+        text, reason, _ = _generate(backend, tok, spec, max_tokens, _follow(script))
         assert reason in ("stop", "closed"), f"{max_tokens}: {text!r}"
         parsed, _ = parse_tool_calls(text, stop_at_repeated_call=False)
         assert parsed.tool_calls

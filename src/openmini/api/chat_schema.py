@@ -218,9 +218,9 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
                                       param=f"{path}.audio", code="unsupported_parameter")
             if m.get("refusal") is not None:
                 v.as_string(m["refusal"], f"{path}.refusal")
-            if m.get("annotations") is not None and not isinstance(m["annotations"], list):
+            if m.get("annotations") is not None:
                 # echoed back from a response message (url citations): accepted, not rendered
-                raise v.invalid_type(f"{path}.annotations", "an array", m["annotations"])
+                v.as_array(m["annotations"], f"{path}.annotations")
             msg["content"] = (None if content is None
                               else _content_text(content, f"{path}.content", role))
         else:

@@ -10,7 +10,6 @@ trimmed. ``malloc_trim(0)`` (glibc, ``man 3 malloc_trim``) releases the free pag
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 
@@ -24,8 +23,7 @@ def trim_process_heap() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # libc is already loaded: no library search
     except (OSError, AttributeError):
         return False
     trim.argtypes = [ctypes.c_size_t]

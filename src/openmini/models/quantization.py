@@ -806,8 +806,8 @@ class _WeightOnlyLinear(nn.Module):
         native up to ``gemm_min_rows`` rows, GEMM above.
         """
         M = x.shape[0]
-        # by row count: the torch backend, no plan, or the LM head (raised gemm_min_rows)
-        if self.kernels is None or rows is None or self.gemm_min_rows > GEMM_MIN_ROWS:
+        # by row count: the torch backend, or no plan (the LM head is never given one)
+        if self.kernels is None or rows is None:
             if M > self.gemm_min_rows:
                 return _dequantized_gemm(x, self.dequantized(), self.bias)
             if self.kernels is None:
